@@ -1,0 +1,100 @@
+"""Datasets for SCORE training: digits (tests), CIFAR-10/100 (TFDS) and DDPM data (npz).
+
+`get_dataset(config.dataset)` returns a `Dataset` of host numpy arrays; `TrainBatcher` turns
+it into per-process training batches (a pure function of seed and step), `eval_batches`
+into fixed-shape padded evaluation batches, and `augment` is the (jit-friendly) crop + flip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from score_jax.data.augment import augment
+from score_jax.data.pipeline import (
+    TrainBatcher,
+    check_real_fraction,
+    eval_batches,
+    num_eval_batches,
+)
+
+__all__ = [
+    "DATASET_NAMES",
+    "Dataset",
+    "Split",
+    "TrainBatcher",
+    "augment",
+    "check_real_fraction",
+    "eval_batches",
+    "get_dataset",
+    "num_eval_batches",
+]
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """Images uint8 (N, H, W, C) (an ndarray or np.memmap) and labels int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A classification dataset held on the host.
+
+    `mean` and `std` are per-channel statistics of images in [0, 1], for the model's
+    internal normalisation; `generated` is the (memory-mapped) DDPM data, or None.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    validation: Split
+    test: Split
+    generated: Split | None = None
+
+
+def get_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
+    """Loads the dataset described by `config.dataset` (name, data_dir, num_validation, ...)."""
+    name = dataset_config.name
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"Unknown config.dataset.name={name!r}; valid names: {', '.join(DATASET_NAMES)}"
+        )
+    ddpm_path = dataset_config.get("ddpm_path", "") or ""
+    check_real_fraction(dataset_config.get("real_fraction", 1.0), bool(ddpm_path))
+
+    # Imported here: the loaders import `Split`/`Dataset` from this module.
+    if name == "digits":
+        from score_jax.data import digits
+
+        dataset = digits.load()
+    else:
+        from score_jax.data import cifar
+
+        dataset = cifar.load(
+            name,
+            data_dir=dataset_config.get("data_dir", "") or None,
+            num_validation=int(dataset_config.get("num_validation", 0)),
+        )
+    if ddpm_path:
+        from score_jax.data import ddpm
+
+        generated = ddpm.load_generated(ddpm_path, dataset.num_classes, dataset.image_shape)
+        dataset = dataclasses.replace(dataset, generated=generated)
+    return dataset
