@@ -1,0 +1,81 @@
+"""Model zoo: `get_model(name, num_classes, **kw)` returns a Flax module.
+
+Every model is called as `model.apply(variables, x, train)` with x in [0, 1], NHWC; it normalises
+(x - mean) / std itself and returns float32 logits (B, num_classes). Variables are
+{"params", "batch_stats"}; every BatchNorm module's name starts with "batchnorm" or "bn".
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from score_jax.models.layers import (
+    ACTIVATIONS,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    Conv,
+    get_activation,
+    resolve_conv_impl,
+)
+from score_jax.models.resnet import PreActResNet, PreActResNet18, ResNet, ResNet18
+from score_jax.models.small import SmallCNN
+from score_jax.models.wide_resnet import (
+    WRN16_2,
+    WRN16_4,
+    WRN28_10,
+    WRN34_10,
+    WRN70_16,
+    WideResNet,
+)
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "wrn-28-10": WRN28_10,
+    "wrn-70-16": WRN70_16,
+    "wrn-34-10": WRN34_10,
+    "wrn-16-4": WRN16_4,
+    "wrn-16-2": WRN16_2,
+    "preact-resnet-18": PreActResNet18,
+    "resnet-18": ResNet18,
+    "small-cnn": SmallCNN,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
+
+
+def get_model(name: str, num_classes: int, **kw) -> nn.Module:
+    """Builds the model `name` with `num_classes` outputs; `kw` are the model's fields.
+
+    Common fields: mean, std, activation ("silu" | "relu"), bn_axis_name, conv_impl
+    ("xla" | "im2col" | "auto"), dtype.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
+    if "activation" in kw:
+        get_activation(kw["activation"])
+    if "conv_impl" in kw:
+        resolve_conv_impl(kw["conv_impl"])
+    return _MODELS[name](num_classes=num_classes, **kw)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "MODEL_NAMES",
+    "Conv",
+    "PreActResNet",
+    "PreActResNet18",
+    "ResNet",
+    "ResNet18",
+    "SmallCNN",
+    "WRN16_2",
+    "WRN16_4",
+    "WRN28_10",
+    "WRN34_10",
+    "WRN70_16",
+    "WideResNet",
+    "get_model",
+]

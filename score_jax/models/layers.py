@@ -1,0 +1,170 @@
+"""Layers shared by the model zoo: a convolution with a switchable implementation, helpers."""
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+Dtype = Any
+
+# PyTorch padding=1 at any stride (Flax "SAME" would pad (0, 1) at stride 2 on even sizes).
+PAD_1: Padding = ((1, 1), (1, 1))
+PAD_NONE: Padding = ((0, 0), (0, 0))
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+CONV_IMPLS = ("xla", "im2col", "auto")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "relu": nn.relu}
+
+# He-normal (fan_out), as torchvision initialises ResNet convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Returns the activation function called `name`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """Maps "auto" to "im2col" on CPU and "xla" elsewhere; validates the name."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def conv_xla(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """NHWC x HWIO convolution with XLA's native convolution."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=tuple(strides),
+        padding=tuple(padding),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def conv_im2col(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """NHWC x HWIO convolution as patch extraction (strided slices) and one matrix product."""
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    if any(p for pair in padding for p in pair):
+        x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    b, h, w, c = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    strides_4d = (1, sh, sw, 1)
+    # Patch channels are ordered (i, j, cin), matching kernel.reshape(kh * kw * cin, cout).
+    cols = [
+        lax.slice(x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), strides_4d)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+
+
+class Conv(nn.Module):
+    """2-D convolution (NHWC, HWIO `kernel`) with explicit padding and a choice of implementation.
+
+    The parameter tree is the same for every `impl`: "xla" (native), "im2col" (slices + dot),
+    "auto" (im2col on CPU, xla elsewhere).
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: Padding = ((0, 0), (0, 0))
+    use_bias: bool = False
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        impl = resolve_conv_impl(self.impl)
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*self.kernel_size, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        conv = conv_im2col if impl == "im2col" else conv_xla
+        y = conv(x, kernel, self.strides, self.padding)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: Dtype) -> jax.Array:
+    """Returns (x - mean) / std per channel, computed in float32 and cast to `dtype`."""
+    mean_arr = jnp.asarray(mean, jnp.float32)
+    std_arr = jnp.asarray(std, jnp.float32)
+    return ((x.astype(jnp.float32) - mean_arr) / std_arr).astype(dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over the spatial axes of an NHWC array."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+class ModelBase(nn.Module):
+    """Options shared by every model and submodule, and BatchNorm / Conv factories using them."""
+
+    activation: str = "relu"
+    bn_axis_name: str | None = None
+    conv_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    bn_momentum: ClassVar[float] = 0.9  # Flax terms: PyTorch momentum 0.1.
+
+    def shared(self) -> dict[str, Any]:
+        """The shared options, to pass on to submodules."""
+        return dict(
+            activation=self.activation,
+            bn_axis_name=self.bn_axis_name,
+            conv_impl=self.conv_impl,
+            dtype=self.dtype,
+        )
+
+    def act(self, x: jax.Array) -> jax.Array:
+        return get_activation(self.activation)(x)
+
+    def batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
+        """BatchNorm with batch statistics in training, synced over `bn_axis_name` if set."""
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=1e-5,
+            axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    def conv(self, features: int, kernel: int, stride: int, padding: Padding, name: str) -> Conv:
+        """Bias-free square convolution."""
+        return Conv(
+            features,
+            (kernel, kernel),
+            (stride, stride),
+            padding,
+            impl=self.conv_impl,
+            dtype=self.dtype,
+            name=name,
+        )
