@@ -6,3 +6,31 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def mock_tfds():
+    """`tfds.testing.mock_data(num_examples=...)` whose data sources also support batched reads."""
+    import tensorflow_datasets as tfds
+
+    class BatchReadableMock(tfds.testing.PickableDataSourceMock):
+        # mock_data assigns a plain partial to `__getitems__`, which MagicMock does not bind
+        # (not a magic it knows); bind it to the mock like `__getitem__`.
+        def __setattr__(self, name, value):
+            if name == "__getitems__" and isinstance(value, functools.partial):
+                value = functools.partial(value, self)
+            super().__setattr__(name, value)
+
+    def make(num_examples: int):
+        return tfds.testing.mock_data(
+            num_examples=num_examples,
+            policy=tfds.testing.MockPolicy.USE_CODE,
+            mock_array_record_data_source=BatchReadableMock(),
+        )
+
+    return make

@@ -89,30 +89,11 @@ def test_unknown_name():
 # ----------------------------------------------------------------------------- CIFAR
 
 
-def _mock_tfds(num_examples: int):
-    """`tfds.testing.mock_data` whose data sources also support batched `__getitems__`."""
-    import tensorflow_datasets as tfds
-
-    class BatchReadableMock(tfds.testing.PickableDataSourceMock):
-        # mock_data assigns a plain partial to `__getitems__`, which MagicMock does not bind
-        # (not a magic it knows); bind it to the mock like `__getitem__`.
-        def __setattr__(self, name, value):
-            if name == "__getitems__" and isinstance(value, functools.partial):
-                value = functools.partial(value, self)
-            super().__setattr__(name, value)
-
-    return tfds.testing.mock_data(
-        num_examples=num_examples,
-        policy=tfds.testing.MockPolicy.USE_CODE,
-        mock_array_record_data_source=BatchReadableMock(),
-    )
-
-
 @pytest.mark.parametrize("name,num_classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_mock(name, num_classes):
+def test_cifar_mock(name, num_classes, mock_tfds):
     import tensorflow_datasets as tfds
 
-    with _mock_tfds(num_examples=40):
+    with mock_tfds(num_examples=40):
         ds = data.get_dataset(_config(name=name, num_validation=8, data_dir="/nowhere"))
         source = tfds.data_source(name, split="train", download=False)
         first = [source[i] for i in range(10)]

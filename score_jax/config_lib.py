@@ -1,0 +1,231 @@
+"""The base configuration every `configs/*.py` starts from, and its validation.
+
+Configs are data: each `configs/<name>.py` defines `get_config()` returning this ConfigDict with
+the paper's values filled in. Every field is overridable as `--config.a.b=value`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from score_jax import attacks, losses, optim
+from score_jax.data import DATASET_NAMES
+
+CIFAR10_EPS = 8 / 255
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults of the paper's basic setting (PreAct-ResNet-18, CIFAR-10, Linf 8/255)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128  # global, over all devices and hosts
+    c.eval_batch_size = 256
+    c.num_epochs = 110
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.log_every_steps = 50
+    c.eval_every_epochs = (
+        1  # validation PGD accuracy (best-checkpoint selection); 0: only at the end
+    )
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.best_by = "ema"  # "ema" | "raw": whose validation PGD accuracy selects the best checkpoint
+    c.resume_ignore_mismatch = False
+    c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
+    c.progress_bar = True
+
+    c.dataset = ml_collections.ConfigDict(
+        dict(name="cifar10", data_dir="", num_validation=1024, ddpm_path="", real_fraction=1.0)
+    )
+    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True))
+    c.model = ml_collections.ConfigDict(
+        # activation "" = the model's default (SiLU for WRNs, ReLU otherwise).
+        dict(name="preact-resnet-18", activation="", conv_impl="auto", dtype="float32")
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            type="trades",  # "trades" | "pgd_at"
+            kind="se",  # a divergence of score_jax.losses.DIVERGENCES
+            beta=6.0,
+            clip_c=config_dict.placeholder(float),  # None: no clipping
+            clip_clean=True,
+            label_smoothing=0.0,
+        )
+    )
+    c.attack = ml_collections.ConfigDict(
+        dict(norm="linf", eps=CIFAR10_EPS, step_size=2 / 255, num_steps=10, init="normal")
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=0.05,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=5e-4,
+            weight_decay_batchnorm=True,
+            grad_clip_norm=config_dict.placeholder(float),
+            schedule="piecewise",
+            lr_boundaries_epochs=(100, 105),
+            lr_decay_factor=0.1,
+            warmup_fraction=0.025,
+            warmup_div=25.0,
+        )
+    )
+    c.ema = ml_collections.ConfigDict(dict(decay=0.995, warmup_fraction=0.025))
+    # PGD on the validation split during training (eps and norm are config.attack's).
+    c.eval = ml_collections.ConfigDict(
+        dict(objective="ce", num_steps=10, step_size=2 / 255, restarts=1, init="uniform")
+    )
+    # PGD on the test split at the end of training and in --mode eval.
+    c.test = ml_collections.ConfigDict(
+        dict(objective="ce", num_steps=20, step_size=2 / 255, restarts=1, init="uniform")
+    )
+    return c
+
+
+def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_collections.ConfigDict:
+    """The DDPM setting (Tables 3, 4; configs/cifar10_ddpm.py documents it): WRN + DDPM data."""
+    options = {v for v in variant.split(",") if v}
+    unknown = options - {"beta3", "l2", "wrn-70-16"}
+    if unknown:
+        raise ValueError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
+    c = base_config()
+    c.dataset.name = dataset
+    c.dataset.num_validation = 1024
+    c.dataset.ddpm_path = ""  # required: the generated .npz
+    c.dataset.real_fraction = real_fraction
+    c.model.name = "wrn-70-16" if "wrn-70-16" in options else "wrn-28-10"
+    c.model.activation = "silu"
+    c.batch_size = 512
+    c.eval_batch_size = 512
+    c.num_epochs = 400
+    c.optim.learning_rate = 0.2
+    c.optim.schedule = "cyclic_cosine"
+    c.optim.warmup_fraction = 0.025
+    c.optim.warmup_div = 25.0
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.weight_decay = 5e-4
+    c.optim.weight_decay_batchnorm = False
+    c.ema.decay = 0.995
+    c.ema.warmup_fraction = 0.025
+    c.loss.type = "trades"
+    c.loss.kind = "se"
+    c.loss.beta = 3.0 if "beta3" in options else 4.0
+    c.loss.clip_c = None
+    c.loss.label_smoothing = 0.0
+    c.attack.num_steps = 10
+    c.attack.init = "normal"
+    if "l2" in options:
+        c.attack.norm, c.attack.eps, c.attack.step_size = "l2", 128 / 255, 16 / 255
+    else:
+        c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
+    c.eval.objective = "cw"
+    c.eval.num_steps = 40
+    c.eval.step_size = c.attack.step_size
+    c.test.objective = "ce"
+    c.test.num_steps = 20
+    c.test.step_size = c.attack.step_size
+    c.best_by = "ema"
+    c.eval_every_epochs = 5
+    c.checkpoint_every_steps = 2000
+    return c
+
+
+def eval_attack(config: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:
+    """config.<section> (eval or test) completed with config.attack's eps and norm."""
+    attack = ml_collections.ConfigDict(config[section].to_dict())
+    attack.eps = config.attack.eps
+    attack.norm = config.attack.norm
+    return attack
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Raises ValueError with one line naming the first bad field."""
+    from score_jax.models import MODEL_NAMES
+
+    lc, ac = config.loss, config.attack
+    _require(
+        config.dataset.name in DATASET_NAMES,
+        f"config.dataset.name={config.dataset.name!r} is unknown; valid: {DATASET_NAMES}",
+    )
+    _require(
+        config.model.name in MODEL_NAMES,
+        f"config.model.name={config.model.name!r} is unknown; valid: {MODEL_NAMES}",
+    )
+    _require(
+        config.batch_size > 0 and config.batch_size % num_devices == 0,
+        f"config.batch_size={config.batch_size} must be a positive multiple of the device "
+        f"count {num_devices}",
+    )
+    _require(
+        config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
+        f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the "
+        f"device count {num_devices}",
+    )
+    _require(
+        config.num_epochs > 0 or config.num_train_steps > 0,
+        "config.num_epochs or config.num_train_steps must be > 0",
+    )
+    _require(
+        lc.type in ("trades", "pgd_at"),
+        f"config.loss.type={lc.type!r}; valid: 'trades', 'pgd_at'",
+    )
+    _require(
+        lc.kind in losses.DIVERGENCES,
+        f"config.loss.kind={lc.kind!r}; valid: {losses.DIVERGENCES}",
+    )
+    _require(lc.beta >= 0, f"config.loss.beta={lc.beta} must be >= 0")
+    _require(
+        lc.clip_c is None or 0 <= lc.clip_c < 1,
+        f"config.loss.clip_c={lc.clip_c} must lie in [0, 1) (or be None)",
+    )
+    _require(
+        0 <= lc.label_smoothing < 1,
+        f"config.loss.label_smoothing={lc.label_smoothing} must lie in [0, 1)",
+    )
+    for section in ("attack", "eval", "test"):
+        a = config[section]
+        _require(a.num_steps >= 0, f"config.{section}.num_steps={a.num_steps} must be >= 0")
+        _require(
+            a.step_size > 0 or a.num_steps == 0,
+            f"config.{section}.step_size={a.step_size} must be > 0",
+        )
+        _require(
+            a.init in attacks.INITS,
+            f"config.{section}.init={a.init!r}; valid: {attacks.INITS}",
+        )
+        if section != "attack":
+            _require(
+                a.objective in attacks.EVAL_OBJECTIVES,
+                f"config.{section}.objective={a.objective!r}; valid: {attacks.EVAL_OBJECTIVES}",
+            )
+            _require(a.restarts >= 1, f"config.{section}.restarts={a.restarts} must be >= 1")
+    _require(ac.eps >= 0, f"config.attack.eps={ac.eps} must be >= 0")
+    _require(ac.norm in attacks.NORMS, f"config.attack.norm={ac.norm!r}; valid: {attacks.NORMS}")
+    _require(
+        config.optim.schedule in optim.SCHEDULES,
+        f"config.optim.schedule={config.optim.schedule!r}; valid: {optim.SCHEDULES}",
+    )
+    _require(
+        config.optim.learning_rate > 0,
+        f"config.optim.learning_rate={config.optim.learning_rate} must be > 0",
+    )
+    _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must lie in [0, 1)")
+    _require(
+        0.0 < config.dataset.real_fraction <= 1.0,
+        f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",
+    )
+    _require(
+        config.best_by in ("ema", "raw"), f"config.best_by={config.best_by!r}; valid: ema, raw"
+    )
+    _require(
+        config.checkpoint_every_steps > 0,
+        f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0",
+    )
+    _require(
+        config.model.dtype in ("float32", "bfloat16"),
+        f"config.model.dtype={config.model.dtype!r}; valid: float32, bfloat16",
+    )

@@ -1,0 +1,234 @@
+"""The train state and the pure adversarial train step (TRADES or PGD-AT with any divergence).
+
+`train_step(state, batch, key)` is per-device code in the style of `jax.pmap`: gradients, metrics
+and (optionally) BatchNorm statistics are averaged with `lax.pmean` over the mesh axis "batch".
+`compile_train_step` maps it over a 1-D device mesh with `jax.shard_map` under `jax.jit`, donating
+the state. The same code runs on one CPU, one GPU, or every core of a TPU pod.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from score_jax import attacks, data, losses, optim
+
+AXIS = "batch"
+LOSS_TYPES = ("trades", "pgd_at")
+
+
+class TrainState(train_state.TrainState):
+    """params / opt_state / step (from flax), BatchNorm running statistics and the EMA of params.
+
+    The EMA model is evaluated with the live model's BatchNorm statistics (as the reference does).
+    """
+
+    batch_stats: Any
+    ema_params: Any
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over all devices (of all processes), axis "batch"."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def base_key(seed: int) -> np.ndarray:
+    """The run's base PRNG key as raw uint32 data (identical on every host)."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def example_keys(key: jax.Array, step: jax.Array, pos: jax.Array) -> jax.Array:
+    """Per-example keys fold_in(fold_in(key, step), pos): independent of the device layout."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, pos)
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], seed: int
+) -> TrainState:
+    """Initialises parameters (from `seed`), BatchNorm statistics, optimizer state and EMA."""
+
+    @jax.jit
+    def init(key):
+        variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=params,
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+            ema_params=params,
+        )
+
+    # rbg keys: the initialiser compiles in a fraction of threefry's time on CPU.
+    return init(jax.random.key(seed, impl="rbg"))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    learning_rate_fn: optax.Schedule,
+    ema_warmup_steps: int,
+    sync_batch_stats: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step on this device's part of the batch: augment, attack, loss, update, EMA.
+
+    TRADES: the attack maximises D(p || softmax f(x')) with batch statistics and without updating
+    the running averages; the loss's clean and adversarial passes update them (in that order).
+    PGD-AT: the attack maximises D(y~ || softmax f(x')) with running averages (eval mode).
+    A non-finite loss or gradient leaves the state unchanged (metrics["finite"] = 0).
+    """
+    lc, ac = config.loss, config.attack
+    keys = example_keys(key, state.step, batch["pos"])
+    aug_keys, attack_keys = (
+        jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i) for i in (1, 2)
+    )
+    x = batch["image"].astype(jnp.float32) / 255.0
+    x = data.augment(
+        x, aug_keys, crop_padding=config.augment.crop_padding, flip=config.augment.flip
+    )
+    labels = batch["label"]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    clip_c = lc.get("clip_c")
+    pgd = functools.partial(
+        attacks.pgd,
+        eps=ac.eps,
+        step_size=ac.step_size,
+        num_steps=ac.num_steps,
+        norm=ac.norm,
+        init=ac.init,
+    )
+
+    def apply_train(params, batch_stats, inputs):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            inputs,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return logits, updates["batch_stats"]
+
+    if lc.type == "trades":
+
+        def attack_logits(inputs):  # batch statistics; the running averages are left untouched
+            return apply_train(state.params, state.batch_stats, inputs)[0]
+
+        p_nat = jax.nn.softmax(attack_logits(x).astype(jnp.float32))
+        x_adv = pgd(attacks.trades_objective(attack_logits, p_nat, kind=lc.kind), x, attack_keys)
+
+        def loss_fn(params):
+            logits_nat, stats = apply_train(params, state.batch_stats, x)
+            logits_adv, stats = apply_train(params, stats, x_adv)
+            per_example = losses.trades_per_example(
+                logits_nat,
+                logits_adv,
+                labels,
+                beta=lc.beta,
+                kind=lc.kind,
+                clip_c=clip_c,
+                clip_clean=lc.clip_clean,
+                label_smoothing=lc.label_smoothing,
+            )
+            natural, robust = losses.trades_terms(
+                logits_nat, logits_adv, labels, kind=lc.kind, label_smoothing=lc.label_smoothing
+            )
+            aux = {
+                "natural": jnp.mean(natural),
+                "robust": jnp.mean(robust),
+                "clean_accuracy": jnp.mean(losses.accuracy(logits_nat, labels)),
+                "adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels)),
+            }
+            return jnp.mean(per_example), (stats, aux)
+
+    elif lc.type == "pgd_at":
+
+        def eval_logits(inputs):
+            return model.apply(variables, inputs, train=False)
+
+        objective = attacks.label_objective(
+            eval_logits, labels, kind=lc.kind, label_smoothing=lc.label_smoothing
+        )
+        x_adv = pgd(objective, x, attack_keys)
+
+        def loss_fn(params):
+            logits_adv, stats = apply_train(params, state.batch_stats, x_adv)
+            loss = losses.pgd_at_loss(
+                logits_adv,
+                labels,
+                kind=lc.kind,
+                clip_c=clip_c,
+                label_smoothing=lc.label_smoothing,
+            )
+            aux = {"adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels))}
+            return loss, (stats, aux)
+
+    else:
+        raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
+
+    (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    if not sync_batch_stats:  # per-device statistics (the reference's DataParallel): average them
+        batch_stats = jax.lax.pmean(batch_stats, AXIS)
+    metrics = jax.lax.pmean({"loss": loss, **aux}, AXIS)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = learning_rate_fn(state.step)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["finite"] = finite.astype(jnp.float32)
+
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    new_state = new_state.replace(
+        ema_params=optim.ema_update(
+            state.ema_params, new_state.params, new_state.step, config.ema.decay, ema_warmup_steps
+        )
+    )
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, metrics
+
+
+def compile_train_step(
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    learning_rate_fn: optax.Schedule,
+    ema_warmup_steps: int,
+    mesh: Mesh,
+):
+    """jit(shard_map(train_step)) over `mesh`: state replicated, batch split on "batch"."""
+    sync = bool(config.sync_batch_stats)
+    step = functools.partial(
+        train_step,
+        model=model.clone(bn_axis_name=AXIS) if sync else model,
+        config=config,
+        learning_rate_fn=learning_rate_fn,
+        ema_warmup_steps=ema_warmup_steps,
+        sync_batch_stats=sync,
+    )
+    # check_vma=False gives pmap semantics: a replicated input's gradient is per-device (not
+    # implicitly summed), so the explicit pmean above is the only reduction.
+    mapped = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(mapped, donate_argnums=0)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree on every device of `mesh` (replicated)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays split on "batch" from this process's rows (each host passes its own part)."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

@@ -1,0 +1,323 @@
+"""The training loop and the evaluation of a trained workdir (`--mode train` / `--mode eval`).
+
+Data flows one way: config -> data + model + optimizer -> train_step (pure, compiled once) ->
+checkpoints / metrics. The loop never waits for the device except to read the previous step's
+scalar metrics (the divergence guard) and to evaluate.
+"""
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from score_jax import checkpoint, config_lib, data, evaluate, models, optim, train
+
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset):
+    """The configured model with the dataset's classes and normalisation."""
+    kw: dict[str, Any] = dict(
+        mean=dataset.mean,
+        std=dataset.std,
+        conv_impl=config.model.conv_impl,
+        dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
+    )
+    if config.model.activation:
+        kw["activation"] = config.model.activation
+    for k, v in config.model.items():
+        if k not in ("name", "activation", "conv_impl", "dtype"):
+            kw[k] = v
+    return models.get_model(config.model.name, dataset.num_classes, **kw)
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(config.num_epochs * steps_per_epoch)
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard scalars, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drops lines logged after `step` (written before a crash, to be written again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def _check_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+
+
+def _summary_table(rows: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'':<24}{'clean':>10}{'PGD':>10}{'n':>8}"]
+    for name, r in rows.items():
+        lines.append(
+            f"{name:<24}{100 * r['clean_accuracy']:>9.2f}%{100 * r['adv_accuracy']:>9.2f}%"
+            f"{r['num_examples']:>8d}"
+        )
+    return "\n".join(lines)
+
+
+class Setup:
+    """Everything a run builds from its config: data, model, optimizer, mesh, checkpoints."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        self.mesh = train.make_mesh()
+        config_lib.validate(config, num_devices=self.mesh.size)
+        self.dataset = data.get_dataset(config.dataset)
+        self.batcher = data.TrainBatcher(
+            self.dataset, config.batch_size, config.seed, config.dataset.real_fraction
+        )
+        self.steps_per_epoch = self.batcher.steps_per_epoch
+        self.total_steps = total_steps(config, self.steps_per_epoch)
+        self.model = build_model(config, self.dataset)
+        self.schedule = optim.make_schedule(config.optim, self.steps_per_epoch, self.total_steps)
+        self.tx = optim.make_optimizer(config.optim, self.schedule)
+        self.ema_warmup_steps = int(round(config.ema.warmup_fraction * self.total_steps))
+        self.key = train.base_key(config.seed)
+
+    def initial_state(self) -> train.TrainState:
+        state = train.create_train_state(
+            self.model, self.tx, self.dataset.image_shape, self.config.seed
+        )
+        return train.replicate(state, self.mesh)
+
+    def eval_fn(self, section: str):
+        attack = config_lib.eval_attack(self.config, section)
+        return evaluate.compile_eval_step(self.model, attack, self.mesh)
+
+    def evaluate(self, fn, params, batch_stats, split: data.Split) -> dict[str, float]:
+        variables = {"params": params, "batch_stats": batch_stats}
+        key = np.asarray(jax.random.key_data(jax.random.key(self.config.seed + 1)))
+        return evaluate.evaluate(fn, variables, split, self.config.eval_batch_size, self.mesh, key)
+
+
+def _restore_or_init(
+    setup: Setup, ckpt: checkpoint.Checkpointer
+) -> tuple[train.TrainState, dict[str, Any]]:
+    state = setup.initial_state()
+    latest = ckpt.latest_step()
+    if latest is None:
+        return state, {}
+    meta = ckpt.restore_meta(latest)
+    diff = checkpoint.fingerprint_mismatch(
+        meta.get("fingerprint", {}), checkpoint.fingerprint(setup.config)
+    )
+    if diff and not setup.config.resume_ignore_mismatch:
+        raise ValueError(
+            f"workdir {setup.workdir!r} holds a checkpoint (step {latest}) of another config "
+            f"(differs in {', '.join(diff[:5])}); use another --workdir or set "
+            "--config.resume_ignore_mismatch=True"
+        )
+    state, meta = ckpt.restore(state, latest)
+    logging.info("Resumed from step %d of %s", latest, setup.workdir)
+    return state, meta
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from the newest checkpoint in workdir), then evaluates on the test split.
+
+    Returns the results written to <workdir>/results.json.
+    """
+    config_lib.validate(config, num_devices=jax.device_count())
+    _check_writable(workdir)
+    setup = Setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    state, meta = _restore_or_init(setup, ckpt)
+    start_step = int(jax.device_get(state.step))
+    best_value = float(meta.get("best_value", -1.0))
+    fingerprint = checkpoint.fingerprint(config)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        _truncate_metrics(os.path.join(workdir, METRICS_FILE), start_step)
+    writer = MetricWriter(workdir)
+
+    step_fn = train.compile_train_step(
+        setup.model, config, setup.schedule, setup.ema_warmup_steps, setup.mesh
+    )
+    val_fn = setup.eval_fn("eval")
+    num_steps = setup.total_steps
+    logging.info(
+        "Training %s (%s-%s) for %d steps (%d per epoch) on %d devices from step %d",
+        config.model.name,
+        config.loss.type,
+        config.loss.kind,
+        num_steps,
+        setup.steps_per_epoch,
+        setup.mesh.size,
+        start_step,
+    )
+
+    def save(step: int, state, best: bool = False) -> None:
+        payload = {"fingerprint": fingerprint, "step": step, "best_value": best_value}
+        ckpt.save(step, state, payload, best=best)
+
+    progress = None
+    if is_main and config.progress_bar and start_step < num_steps:
+        import tqdm
+
+        progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    window: list[dict[str, float]] = []
+    pending = None  # (step, device metrics) of the previous step, read one step late
+    window_start = time.perf_counter()
+
+    def drain(pending_item) -> None:
+        nonlocal window_start
+        step, metrics = pending_item
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not metrics.pop("finite"):
+            ckpt.wait()
+            bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
+            raise FloatingPointError(
+                f"non-finite {' and '.join(bad)} at step {step} ({metrics}); the state was not "
+                f"updated; the newest checkpoint is step {ckpt.latest_step()}"
+            )
+        window.append(metrics)
+        if (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps:
+            elapsed = time.perf_counter() - window_start
+            scalars = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+            scalars["train/epoch"] = (step + 1) / setup.steps_per_epoch
+            writer.write(step + 1, scalars)
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{scalars['train/loss']:.4f}",
+                    img_s=f"{len(window) * config.batch_size / elapsed:.0f}",
+                )
+            window.clear()
+            window_start = time.perf_counter()
+
+    for step in range(start_step, num_steps):
+        batch = train.shard_batch(setup.batcher.batch(step), setup.mesh)
+        state, metrics = step_fn(state, batch, setup.key)
+        if pending is not None:
+            drain(pending)
+        pending = (step, metrics)
+        if progress is not None:
+            progress.update(1)
+        done = step + 1
+        epoch_end = done % setup.steps_per_epoch == 0
+        epoch = done // setup.steps_per_epoch
+        eval_now = done == num_steps or (
+            epoch_end and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0
+        )
+        if eval_now:
+            drain(pending)
+            pending = None
+            results = {
+                name: setup.evaluate(val_fn, params, state.batch_stats, setup.dataset.validation)
+                for name, params in (("ema", state.ema_params), ("raw", state.params))
+            }
+            scalars = {
+                f"val/{name}_{k}": v
+                for name, r in results.items()
+                for k, v in r.items()
+                if k != "num_examples"
+            }
+            writer.write(done, scalars)
+            value = results[config.best_by]["adv_accuracy"]
+            if value > best_value:
+                best_value = value
+                save(done, state, best=True)
+        if done % config.checkpoint_every_steps == 0 or done == num_steps:
+            if pending is not None:
+                drain(pending)
+                pending = None
+            save(done, state)
+    if pending is not None:
+        drain(pending)
+    if progress is not None:
+        progress.close()
+    ckpt.wait()
+    results = evaluate_workdir(config, workdir, setup=setup, ckpt=ckpt)
+    ckpt.close()
+    writer.close()
+    return results
+
+
+def evaluate_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    setup: Setup | None = None,
+    ckpt: checkpoint.Checkpointer | None = None,
+) -> dict[str, Any]:
+    """Clean and PGD accuracy on the test split of the best checkpoint (else the last), for the
+    EMA and the raw parameters; printed as a table and written to <workdir>/results.json."""
+    setup = setup or Setup(config, workdir)
+    own = ckpt is None
+    ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    use_best = ckpt.latest_step(best=True) is not None
+    if not use_best and ckpt.latest_step() is None:
+        raise ValueError(f"workdir {workdir!r} holds no checkpoint to evaluate")
+    state, meta = ckpt.restore(setup.initial_state(), best=use_best)
+    test_fn = setup.eval_fn("test")
+    attack = config_lib.eval_attack(config, "test")
+    rows = {
+        name: setup.evaluate(test_fn, params, state.batch_stats, setup.dataset.test)
+        for name, params in (("ema", state.ema_params), ("raw", state.params))
+    }
+    results = {
+        "checkpoint": "best" if use_best else "last",
+        "step": int(jax.device_get(state.step)),
+        "attack": attack.to_dict(),
+        **{f"test_{name}": r for name, r in rows.items()},
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+        title = (
+            f"Test split, {results['checkpoint']} checkpoint (step {results['step']}), "
+            f"PGD-{attack.num_steps} ({attack.objective}) {attack.norm} eps={attack.eps:.4g}"
+        )
+        print(title + "\n" + _summary_table({f"{k} params": v for k, v in rows.items()}))
+    if own:
+        ckpt.close()
+    return results

@@ -1,0 +1,317 @@
+"""The train step, the loop, resume, configs and bad-input errors (tiny models, offline data)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import checkpoint, config_lib, train, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, variant: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)
+
+
+def tiny_config(loss_type: str = "trades", **overrides):
+    c = load_config("digits")
+    c.model.conv_impl = "xla"  # compiles ~5x faster than im2col; tests time compilation mostly
+    c.model.width = 4
+    c.model.hidden = 8
+    c.batch_size = 16
+    c.eval_batch_size = 60
+    c.num_train_steps = 4
+    c.attack.num_steps = 2
+    c.eval.num_steps = 2
+    c.test.num_steps = 2
+    c.eval_every_epochs = 0
+    c.log_every_steps = 2
+    c.progress_bar = False
+    c.loss.type = loss_type
+    c.attack.init = "normal" if loss_type == "trades" else "uniform"
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def run_steps(config, mesh, num_steps):
+    setup = trainer.Setup(config, "/unused")
+    setup.mesh = mesh
+    state = setup.initial_state()
+    step_fn = train.compile_train_step(
+        setup.model, config, setup.schedule, setup.ema_warmup_steps, mesh
+    )
+    history = []
+    for i in range(num_steps):
+        state, metrics = step_fn(state, train.shard_batch(setup.batcher.batch(i), mesh), setup.key)
+        history.append(jax.device_get(metrics))
+    return state, history, step_fn
+
+
+@pytest.mark.parametrize("loss_type", ["trades", "pgd_at"])
+def test_step_updates_and_compiles_once(loss_type):
+    config = tiny_config(loss_type)
+    mesh = train.make_mesh(jax.devices()[:1])
+    setup = trainer.Setup(config, "/unused")
+    init = jax.device_get(setup.initial_state())
+    state, history, step_fn = run_steps(config, mesh, 3)
+    assert step_fn._cache_size() == 1  # one compilation for every step
+    assert int(state.step) == 3
+    for metrics in history:
+        assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"])
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, init.params)
+    assert min(jax.tree.leaves(moved)) > 0  # every parameter was updated
+    stats = jax.tree.map(
+        lambda a, b: float(jnp.abs(a - b).max()), state.batch_stats, init.batch_stats
+    )
+    assert min(jax.tree.leaves(stats)) > 0  # the loss's passes update the running averages
+    if loss_type == "trades":
+        assert {"natural", "robust", "clean_accuracy"} <= set(history[0])
+
+
+@pytest.mark.parametrize("loss_type", ["trades", "pgd_at"])
+def test_four_devices_match_one(loss_type):
+    config = tiny_config(loss_type)
+    one, hist_one, _ = run_steps(config, train.make_mesh(jax.devices()[:1]), 2)
+    four, hist_four, _ = run_steps(config, train.make_mesh(jax.devices()[:4]), 2)
+    chex.assert_trees_all_close(
+        jax.device_get(four.params), jax.device_get(one.params), atol=2e-5, rtol=1e-4
+    )
+    chex.assert_trees_all_close(
+        jax.device_get(four.batch_stats), jax.device_get(one.batch_stats), atol=2e-5, rtol=1e-4
+    )
+    np.testing.assert_allclose(hist_four[-1]["loss"], hist_one[-1]["loss"], rtol=1e-4)
+
+
+def test_per_device_batch_stats_differ_from_synced():
+    config = tiny_config(sync_batch_stats=False)
+    synced, _, _ = run_steps(tiny_config(), train.make_mesh(jax.devices()[:4]), 1)
+    local, _, _ = run_steps(config, train.make_mesh(jax.devices()[:4]), 1)
+    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), synced.params, local.params)
+    assert max(jax.tree.leaves(diff)) > 1e-6
+
+
+def test_nonfinite_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(num_train_steps=8, checkpoint_every_steps=2)
+    config.optim.learning_rate = 1e30
+    config.optim.schedule = "constant"
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    if ckpt.latest_step() is not None:
+        setup = trainer.Setup(config, str(tmp_path))
+        state, _ = ckpt.restore(setup.initial_state())
+        for leaf in jax.tree.leaves(jax.device_get(state)):
+            if np.issubdtype(np.asarray(leaf).dtype, np.floating):
+                assert np.all(np.isfinite(leaf))
+    ckpt.close()
+
+
+def _train_lines(workdir):
+    with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
+        return [line for line in f if '"train/' in line]
+
+
+def test_resume_continues_exactly(tmp_path):
+    # A constant schedule and no EMA warm-up make a 3-step run a prefix of the 6-step run.
+    kw = dict(
+        checkpoint_every_steps=3,
+        log_every_steps=1,
+        **{"optim.schedule": "constant", "ema.warmup_fraction": 0},
+    )
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    trainer.train_and_evaluate(tiny_config(num_train_steps=6, **kw), straight)
+    trainer.train_and_evaluate(tiny_config(num_train_steps=3, **kw), resumed)
+    trainer.train_and_evaluate(tiny_config(num_train_steps=6, **kw), resumed)
+    config = tiny_config(num_train_steps=6, **kw)
+    setup = trainer.Setup(config, straight)
+    states = []
+    for workdir in (straight, resumed):
+        ckpt = checkpoint.Checkpointer(workdir)
+        assert ckpt.latest_step() == 6
+        states.append(jax.device_get(ckpt.restore(setup.initial_state())[0]))
+        ckpt.close()
+    chex.assert_trees_all_equal(states[0], states[1])
+    assert _train_lines(straight) == _train_lines(resumed)
+    with open(os.path.join(resumed, trainer.RESULTS_FILE)) as f:
+        results = json.load(f)
+    assert 0.0 <= results["test_ema"]["clean_accuracy"] <= 1.0
+    assert results["test_ema"]["num_examples"] == 360
+
+
+def test_refuses_to_resume_another_config(tmp_path):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+    with pytest.raises(ValueError, match=r"another config .*loss\.beta.*resume_ignore_mismatch"):
+        trainer.train_and_evaluate(
+            tiny_config(num_train_steps=4, **{"loss.beta": 1.0}), str(tmp_path)
+        )
+    trainer.train_and_evaluate(
+        tiny_config(num_train_steps=3, resume_ignore_mismatch=True, **{"loss.beta": 1.0}),
+        str(tmp_path),
+    )
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        trainer.train_and_evaluate(tiny_config(), str(blocker / "workdir"))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("attack.eps", -0.1),
+        ("attack.step_size", 0.0),
+        ("loss.beta", -1.0),
+        ("loss.clip_c", 1.0),
+        ("loss.kind", "hellinger"),
+        ("loss.type", "mart"),
+        ("dataset.name", "mnist"),
+        ("model.name", "vit"),
+        ("dataset.real_fraction", 0.0),
+        ("optim.schedule", "linear"),
+        ("eval.objective", "dlr"),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value):
+    config = tiny_config(**{field: value})
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        config_lib.validate(config)
+
+
+def test_batch_must_divide_device_count():
+    with pytest.raises(ValueError, match="config.batch_size=18 .* device count 4"):
+        config_lib.validate(tiny_config(batch_size=18), num_devices=4)
+
+
+@pytest.mark.parametrize(
+    "name,variant",
+    [
+        ("digits", None),
+        ("cifar10_basic", "trades-se"),
+        ("cifar10_basic", "pgd_at-kl"),
+        ("cifar10_basic", "pgd_at-se-clip"),
+        ("cifar10_basic", "trades-se-clip-l2"),
+        ("cifar10_ddpm", ""),
+        ("cifar10_ddpm", "beta3,l2"),
+        ("cifar100_ddpm", ""),
+        ("cifar10_ddpm_wrn70", ""),
+    ],
+)
+def test_configs_are_valid_and_build(name, variant):
+    config = load_config(name, variant)
+    config_lib.validate(config, num_devices=4)
+    assert config.loss.kind in ("se", "kl")
+    if name.startswith("cifar10_basic"):
+        assert config.optim.learning_rate == (0.1 if config.loss.kind == "kl" else 0.05)
+        assert (config.batch_size, config.num_epochs) == (128, 110)
+    if "ddpm" in name:
+        assert (config.batch_size, config.num_epochs, config.optim.learning_rate) == (512, 400, 0.2)
+        assert config.optim.nesterov and not config.optim.weight_decay_batchnorm
+        assert config.dataset.real_fraction == (0.4 if "cifar100" in name else 0.3)
+
+
+def test_paper_clip_thresholds_in_basic_config():
+    from score_jax import losses
+
+    pgd = load_config("cifar10_basic", "pgd_at-se-clip")
+    trades = load_config("cifar10_basic", "trades-se-clip")
+    assert losses.clip_bound(pgd.loss.clip_c, 10, "se") == pytest.approx(0.1778, abs=1e-4)
+    assert losses.clip_bound(trades.loss.clip_c, 10, "se") == pytest.approx(0.1, abs=1e-6)
+
+
+def _shrink_to_smoke(c):
+    c.model.name = "small-cnn"
+    c.model.activation = ""
+    c.model.conv_impl = "xla"
+    c.model.width = 4
+    c.model.hidden = 8
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_train_steps = 2
+    c.attack.num_steps = 1
+    c.eval.num_steps = 1
+    c.test.num_steps = 1
+    c.eval_every_epochs = 0
+    c.progress_bar = False
+    c.dataset.num_validation = 8
+    return c
+
+
+def test_cifar_basic_config_runs_two_steps_on_mock_data(tmp_path, mock_tfds):
+    config = _shrink_to_smoke(load_config("cifar10_basic", "pgd_at-se-clip"))
+    with mock_tfds(num_examples=24):
+        results = trainer.train_and_evaluate(config, str(tmp_path))
+    assert results["step"] == 2 and results["test_raw"]["num_examples"] == 24
+
+
+def test_cifar_ddpm_config_runs_two_steps_on_mock_data(tmp_path, mock_tfds):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "gen.npz"
+    np.savez(
+        path,
+        image=rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
+        label=rng.integers(0, 10, 32),
+    )
+    config = _shrink_to_smoke(load_config("cifar10_ddpm"))
+    config.dataset.ddpm_path = str(path)
+    with mock_tfds(num_examples=24):
+        results = trainer.train_and_evaluate(config, str(tmp_path / "wd"))
+    assert results["step"] == 2
+
+
+def _cli(*args, cwd=REPO):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "score_jax.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_bad_override_is_one_clear_line(tmp_path):
+    out = _cli(
+        "--config", "configs/digits.py", "--workdir", str(tmp_path), "--config.batch_size=abc"
+    )
+    assert out.returncode != 0
+    assert "batch_size" in out.stderr
+    out = _cli(
+        "--config", "configs/digits.py", "--workdir", str(tmp_path), "--config.attack.eps=-1"
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("score_jax: error: config.attack.eps")
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing half-written
+
+
+def test_cli_trains_and_evaluates(tmp_path):
+    args = [
+        "--config", "configs/digits.py", "--workdir", str(tmp_path),
+        "--config.num_train_steps=2", "--config.model.width=4", "--config.attack.num_steps=1",
+        "--config.test.num_steps=1", "--config.eval.num_steps=1", "--config.progress_bar=False",
+    ]  # fmt: skip
+    out = _cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "Test split, best checkpoint (step 2)" in out.stdout
+    out = _cli(*args, "--mode", "eval")
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / trainer.RESULTS_FILE) as f:
+        assert json.load(f)["step"] == 2
