@@ -13,6 +13,7 @@ def get_config():
     c.dataset.num_validation = 180  # the digits split is fixed: 1257 train / 180 val / 360 test
     c.model.name = "small-cnn"
     c.model.width = 32
+    c.model.hidden = 128
     c.batch_size = 64
     c.eval_batch_size = 180
     c.num_epochs = 30

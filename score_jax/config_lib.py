@@ -77,6 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.test = ml_collections.ConfigDict(
         dict(objective="ce", num_steps=20, step_size=2 / 255, restarts=1, init="uniform")
     )
+    # --mode autoattack (score_jax.torch_bridge): AutoAttack on the first num_examples test
+    # examples (-1: all); version "standard" | "plus" | "rand" | "custom" (custom: `attacks`,
+    # e.g. ("apgd-ce", "apgd-t")).
+    c.autoattack = ml_collections.ConfigDict(
+        dict(num_examples=-1, batch_size=256, version="standard", attacks=())
+    )
     return c
 
 

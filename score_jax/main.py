@@ -3,6 +3,7 @@
 Flags and dispatch only; everything else lives in the library.
 """
 
+import functools
 import sys
 
 import jax
@@ -12,11 +13,26 @@ from ml_collections import config_flags
 from score_jax import trainer
 
 FLAGS = flags.FLAGS
-MODES = ("train", "eval")
+MODES = ("train", "eval", "export", "autoattack")
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", MODES, "train (resumes from workdir) or eval (test split).")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    MODES,
+    "train (resumes from workdir), eval (test split), export (PyTorch state dict to "
+    "<workdir>/export) or autoattack (AutoAttack on the export; needs torch and pyautoattack).",
+)
+flags.DEFINE_enum(
+    "export_params", "ema", ("ema", "raw"), "Parameters --mode export/autoattack exports."
+)
 config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
+flags.DEFINE_bool(
+    "distributed", False, "Multi-process run: call jax.distributed.initialize() (TPU pods, SLURM)."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,18 +40,45 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        # Cross-process collectives between CPU devices (accelerators use their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     logging.warning(
         "JAX devices: %s (process %d of %d)",
         jax.devices(),
         jax.process_index(),
         jax.process_count(),
     )
-    run = trainer.train_and_evaluate if FLAGS.mode == "train" else trainer.evaluate_workdir
     try:
+        if FLAGS.mode in ("export", "autoattack"):
+            from score_jax import torch_bridge
+
+            torch_bridge.require_torch(autoattack=FLAGS.mode == "autoattack")
+            run = functools.partial(
+                torch_bridge.export_workdir
+                if FLAGS.mode == "export"
+                else torch_bridge.run_autoattack,
+                params=FLAGS.export_params,
+            )
+        else:
+            run = trainer.train_and_evaluate if FLAGS.mode == "train" else trainer.evaluate_workdir
         run(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         sys.exit(f"score_jax: error: {e}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with a bad flag or config override reported in one line."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        sys.exit(f"score_jax: error: bad flag or config override: {e}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

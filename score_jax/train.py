@@ -224,8 +224,8 @@ def compile_train_step(
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree on every device of `mesh` (replicated)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Places a pytree on every device of `mesh` (replicated; each process supplies its copy)."""
+    return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
 
 
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

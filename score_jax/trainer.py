@@ -7,6 +7,7 @@ scalar metrics (the divergence guard) and to evaluate.
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -78,6 +79,31 @@ def _truncate_metrics(path: str, step: int) -> None:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
     with open(path, "w") as f:
         f.writelines(lines)
+
+
+class PreemptionWatch:
+    """Notices SIGTERM (the usual preemption notice); every process agrees on the step."""
+
+    def __init__(self):
+        self.requested = False
+        self.multi = jax.process_count() > 1
+        self.previous = None
+        if not self.multi:  # multi-process: jax's coordination service watches SIGTERM itself
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _check_writable(workdir: str) -> None:
@@ -205,6 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    watch = PreemptionWatch()
     window: list[dict[str, float]] = []
     pending = None  # (step, device metrics) of the previous step, read one step late
     window_start = time.perf_counter()
@@ -234,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             window.clear()
             window_start = time.perf_counter()
 
+    preempted = False
     for step in range(start_step, num_steps):
         batch = train.shard_batch(setup.batcher.batch(step), setup.mesh)
         state, metrics = step_fn(state, batch, setup.key)
@@ -266,16 +294,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if value > best_value:
                 best_value = value
                 save(done, state, best=True)
-        if done % config.checkpoint_every_steps == 0 or done == num_steps:
+        preempted = watch.reached(done)
+        if done % config.checkpoint_every_steps == 0 or done == num_steps or preempted:
             if pending is not None:
                 drain(pending)
                 pending = None
             save(done, state)
+        if preempted:
+            break
+    watch.close()
     if pending is not None:
         drain(pending)
     if progress is not None:
         progress.close()
     ckpt.wait()
+    if preempted:
+        ckpt.close()
+        writer.close()
+        if is_main:
+            print(
+                f"Preempted (SIGTERM) at step {done}: checkpoint saved in {workdir}; "
+                "resume by running the same command again."
+            )
+        return {"preempted_at_step": done}
     results = evaluate_workdir(config, workdir, setup=setup, ckpt=ckpt)
     ckpt.close()
     writer.close()

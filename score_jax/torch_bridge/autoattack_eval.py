@@ -1,0 +1,198 @@
+"""`--mode autoattack`: AutoAttack (pyautoattack) on the exported PyTorch model, next to the
+project's own JAX PGD-20 on the same test examples and the same (exported) parameters.
+
+Writes <workdir>/autoattack.json.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+
+from score_jax import config_lib, data, evaluate, trainer
+from score_jax.torch_bridge import export
+
+RESULTS_FILE = "autoattack.json"
+VERSIONS = ("standard", "plus", "rand", "custom")
+ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+NORMS = {"linf": "Linf", "l2": "L2"}
+PGD_STEPS = 20
+
+
+def custom_attacks(aa: ml_collections.ConfigDict) -> list[str]:
+    """config.autoattack.attacks as a list (entries may also be comma-separated); validated."""
+    version = aa.version
+    if version not in VERSIONS:
+        raise ValueError(f"config.autoattack.version={version!r}; valid: {', '.join(VERSIONS)}")
+    raw = aa.get("attacks", ()) or ()
+    if isinstance(raw, str):
+        raw = (raw,)
+    attacks = [a.strip() for item in raw for a in str(item).split(",") if a.strip()]
+    bad = [a for a in attacks if a not in ATTACK_NAMES]
+    if bad:
+        raise ValueError(f"config.autoattack.attacks has unknown {bad}; valid: {ATTACK_NAMES}")
+    if version == "custom" and not attacks:
+        raise ValueError("config.autoattack.attacks must list attacks for version='custom'")
+    if version != "custom" and attacks:
+        raise ValueError(
+            f"config.autoattack.attacks is only used with version='custom' (got {version!r})"
+        )
+    if aa.batch_size <= 0:
+        raise ValueError(f"config.autoattack.batch_size={aa.batch_size} must be > 0")
+    if aa.num_examples == 0 or aa.num_examples < -1:
+        raise ValueError(f"config.autoattack.num_examples={aa.num_examples}: -1 (all) or > 0")
+    return attacks
+
+
+@contextlib.contextmanager
+def _autoattack_log_to_stdout() -> Iterator[None]:
+    """Prints AutoAttack's progress lines (logger "auto-attack", DEBUG) to stdout."""
+    logger = logging.getLogger("auto-attack")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("AutoAttack: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        sys.stdout.flush()
+
+
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(x[i : i + batch_size].to(device)).argmax(1).cpu()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+
+
+def jax_pgd20(
+    setup: trainer.Setup, model_name: str, state: dict[str, torch.Tensor], split: data.Split
+) -> dict[str, float]:
+    """Clean and PGD-20 accuracy (config.test's attack, 20 steps) of the JAX model holding the
+    weights of the PyTorch state dict `state`, on `split`."""
+    image_shape = split.images.shape[1:]
+    template = jax.eval_shape(
+        lambda: setup.model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+    )
+    variables = export.import_state_dict(model_name, state, template)
+    attack = config_lib.eval_attack(setup.config, "test")
+    attack.num_steps = PGD_STEPS
+    fn = evaluate.compile_eval_step(setup.model, attack, setup.mesh)
+    return setup.evaluate(fn, variables["params"], variables["batch_stats"], split)
+
+
+def run_autoattack(
+    config: ml_collections.ConfigDict, workdir: str, params: str = "ema"
+) -> dict[str, Any]:
+    """AutoAttack and JAX PGD-20 accuracy on the first config.autoattack.num_examples test
+    examples, of <workdir>/export (exported first, with `params`, if missing)."""
+    from pyautoattack import AutoAttack
+
+    aa = config.autoattack
+    attacks = custom_attacks(aa)
+    if config.attack.norm not in NORMS:
+        raise ValueError(f"config.attack.norm={config.attack.norm!r}: AutoAttack needs linf or l2")
+    out_dir = export.export_dir(workdir)
+    if not all(
+        os.path.exists(os.path.join(out_dir, f)) for f in (export.MODEL_FILE, export.META_FILE)
+    ):
+        export.export_workdir(config, workdir, params)
+    meta = export.read_meta(out_dir)
+    name = config.model.name
+    if meta["architecture"] != name or meta.get("dataset") != config.dataset.name:
+        raise ValueError(
+            f"{out_dir} holds a {meta['architecture']} for {meta.get('dataset')}, but the config "
+            f"is {name} on {config.dataset.name}; delete it to export again"
+        )
+    model = export.load_exported(out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+
+    setup = trainer.Setup(config, workdir)
+    test = setup.dataset.test
+    n = len(test) if aa.num_examples < 0 else min(int(aa.num_examples), len(test))
+    split = data.Split(np.asarray(test.images[:n]), np.asarray(test.labels[:n]))
+    x = torch.from_numpy(split.images.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(split.labels.astype(np.int64))
+
+    clean = (_predict(model, x, aa.batch_size, device) == y).float().mean().item()
+    norm, eps = NORMS[config.attack.norm], float(config.attack.eps)
+    adversary = AutoAttack(
+        model,
+        norm=norm,
+        eps=eps,
+        version=aa.version,
+        attacks=attacks or None,
+        seed=int(config.seed),
+        device=device,
+    )
+    used = list(adversary.attacks_to_run)
+    print(
+        f"AutoAttack ({aa.version}: {', '.join(used)}) {norm} eps={eps:.4g} on {n} test examples "
+        f"of {meta['architecture']} ({meta['params']} params, step {meta['step']}), {device}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    with _autoattack_log_to_stdout():
+        x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=int(aa.batch_size))
+    seconds = time.perf_counter() - start
+    robust = (y_adv.cpu() == y).float().mean().item()
+    linf = (x_adv.cpu() - x).abs().reshape(n, -1).max(1)[0].max().item()
+
+    pgd = jax_pgd20(setup, name, model.state_dict(), split)
+    results = {
+        "architecture": meta["architecture"],
+        "params": meta["params"],
+        "checkpoint": meta.get("checkpoint"),
+        "step": meta.get("step"),
+        "num_examples": n,
+        "eps": eps,
+        "norm": norm,
+        "version": aa.version,
+        "attacks": used,
+        "clean_accuracy": clean,
+        "robust_accuracy": robust,
+        "seconds": seconds,
+        "max_linf_perturbation": linf,
+        "jax_clean_accuracy": pgd["clean_accuracy"],
+        "pgd20_accuracy": pgd["adv_accuracy"],
+        "pgd20_attack": {
+            k: v
+            for k, v in config_lib.eval_attack(config, "test").to_dict().items()
+            if k != "num_steps"
+        }
+        | {"num_steps": PGD_STEPS},
+        "device": str(device),
+    }
+    path = os.path.join(workdir, RESULTS_FILE)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+
+    export.atomic_write(path, write)
+    print(
+        f"{n} test examples: clean {100 * clean:.2f}% (JAX {100 * pgd['clean_accuracy']:.2f}%), "
+        f"PGD-{PGD_STEPS} {100 * pgd['adv_accuracy']:.2f}%, AutoAttack {100 * robust:.2f}% "
+        f"({seconds:.1f} s); written to {path}",
+        flush=True,
+    )
+    return results

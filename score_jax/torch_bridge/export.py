@@ -1,0 +1,280 @@
+"""Flax variables <-> PyTorch state dicts, and `--mode export` (<workdir>/export/model.{pt,json}).
+
+Conv kernels HWIO <-> OIHW, Dense (in, out) <-> Linear (out, in); BatchNorm scale/bias <->
+weight/bias, batch_stats mean/var <-> running_mean/running_var (+ num_batches_tracked = 0).
+"""
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import torch
+from flax import traverse_util
+from torch import nn
+
+from score_jax import checkpoint, trainer
+from score_jax.torch_bridge.models import ARCH_FIELDS, build_torch_model, family
+
+EXPORT_DIR = "export"
+MODEL_FILE = "model.pt"
+META_FILE = "model.json"
+PARAM_CHOICES = ("ema", "raw")
+
+# Flax module-name renames per family, applied to each path component.
+_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "wrn": [(r"^layer_(\d+)$", r"layer.\1"), (r"^block_(\d+)$", r"block.\1")],
+    "preact-resnet-18": [(r"^layer(\d+)_(\d+)$", r"layer\1.\2"), (r"^shortcut$", "shortcut.0")],
+    "resnet-18": [
+        (r"^layer(\d+)_(\d+)$", r"layer\1.\2"),
+        (r"^shortcut_conv$", "shortcut.0"),
+        (r"^bn_shortcut$", "shortcut.1"),
+    ],
+    "small-cnn": [],
+}
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+def _is_batchnorm(module: str) -> bool:
+    return module.startswith(("batchnorm", "bn"))
+
+
+def _torch_key(fam: str, collection: str, path: tuple[str, ...]) -> str:
+    """The state-dict key of the Flax leaf `collection`/`path`."""
+    *modules, leaf = path
+    renamed = []
+    for m in modules:
+        for pattern, repl in _RENAMES[fam]:
+            m = re.sub(pattern, repl, m)
+        renamed.append(m)
+    if (collection, leaf) not in _LEAF_NAMES:
+        raise ValueError(f"unexpected Flax leaf {collection}/{'/'.join(path)}")
+    return ".".join([*renamed, _LEAF_NAMES[(collection, leaf)]])
+
+
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:  # HWIO -> OIHW
+        return value.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and value.ndim == 2:  # (in, out) -> (out, in)
+        return value.T
+    return value
+
+
+def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 4:  # OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _flat(variables: dict) -> dict[tuple[str, ...], Any]:
+    """{(collection, *path): leaf} over params and batch_stats."""
+    out = {}
+    for collection in ("params", "batch_stats"):
+        tree = variables.get(collection, {})
+        for path, value in traverse_util.flatten_dict(dict(tree)).items():
+            out[(collection, *path)] = value
+    return out
+
+
+def export_state_dict(model_name: str, variables: dict) -> dict[str, torch.Tensor]:
+    """The PyTorch state dict (float32, torch layouts) of Flax `variables` of model `model_name`.
+
+    Loads with `load_state_dict(strict=True)` into `build_torch_model(model_name, ...)` (and, for
+    the WRNs, into RobustBench's DMWideResNet). Leaves may be arrays or ShapeDtypeStructs; the
+    latter give empty tensors of the right shape (for key/shape checks without memory).
+    """
+    fam = family(model_name)
+    state: dict[str, torch.Tensor] = {}
+    bn_modules: list[str] = []
+    for (collection, *path), value in _flat(variables).items():
+        key = _torch_key(fam, collection, tuple(path))
+        if isinstance(value, jax.ShapeDtypeStruct):
+            shape = _to_torch_layout(path[-1], np.empty(value.shape, np.bool_)).shape
+            state[key] = torch.empty(shape, dtype=torch.float32, device="meta")
+        else:
+            array = np.asarray(jax.device_get(value), dtype=np.float32)
+            array = np.ascontiguousarray(_to_torch_layout(path[-1], array))
+            state[key] = torch.from_numpy(array.copy())
+        if collection == "batch_stats" and path[-1] == "mean":
+            bn_modules.append(key.rsplit(".", 1)[0])
+        elif collection == "params" and path[-1] == "scale" and not _is_batchnorm(path[-2]):
+            raise ValueError(f"unexpected scale outside a BatchNorm: {'/'.join(path)}")
+    for module in bn_modules:
+        state[f"{module}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return dict(sorted(state.items()))
+
+
+def import_state_dict(model_name: str, state: dict[str, torch.Tensor], template: dict) -> dict:
+    """Inverse of `export_state_dict`: Flax {"params", "batch_stats"} shaped like `template`."""
+    fam = family(model_name)
+    out: dict[str, dict] = {"params": {}, "batch_stats": {}}
+    used = set()
+    for (collection, *path), ref in _flat(template).items():
+        key = _torch_key(fam, collection, tuple(path))
+        if key not in state:
+            raise ValueError(f"state dict lacks {key!r}")
+        value = _to_flax_layout(path[-1], state[key].detach().cpu().numpy())
+        if value.shape != tuple(ref.shape):
+            raise ValueError(f"{key}: shape {value.shape}, expected {tuple(ref.shape)}")
+        out[collection][tuple(path)] = np.asarray(value, dtype=ref.dtype)
+        used.add(key)
+    extra = [k for k in state if k not in used and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise ValueError(f"state dict has unexpected keys {extra[:5]}")
+    return {c: traverse_util.unflatten_dict(t) for c, t in out.items()}
+
+
+# --- Export of a workdir ---------------------------------------------------------------------
+
+
+def export_dir(workdir: str) -> str:
+    return os.path.join(workdir, EXPORT_DIR)
+
+
+def atomic_write(path: str, write) -> None:
+    """Calls write(tmp_path), then renames tmp_path to path (no half-written file remains)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_kwargs(model_name: str, flax_model: Any) -> dict[str, Any]:
+    """mean, std, activation and the architecture fields of a built Flax model (JSON-able)."""
+    kw: dict[str, Any] = {
+        "mean": [float(v) for v in flax_model.mean],
+        "std": [float(v) for v in flax_model.std],
+        "activation": flax_model.activation,
+    }
+    for field in ARCH_FIELDS[family(model_name)]:
+        value = getattr(flax_model, field)
+        kw[field] = list(value) if isinstance(value, tuple | list) else value
+    return kw
+
+
+def export_workdir(
+    config: ml_collections.ConfigDict, workdir: str, params: str = "ema"
+) -> dict[str, Any]:
+    """Writes <workdir>/export/model.pt (state dict) and model.json (metadata); returns the latter.
+
+    Parameters: the EMA ones (`params="ema"`) or the raw ones ("raw") of the best checkpoint if
+    present, else the last; BatchNorm statistics are always the live model's.
+    """
+    if params not in PARAM_CHOICES:
+        raise ValueError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
+    setup = trainer.Setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    try:
+        use_best = ckpt.latest_step(best=True) is not None
+        if not use_best and ckpt.latest_step() is None:
+            raise ValueError(f"workdir {workdir!r} holds no checkpoint to export")
+        state, _ = ckpt.restore(setup.initial_state(), best=use_best)
+    finally:
+        ckpt.close()
+    chosen = state.ema_params if params == "ema" else state.params
+    variables = jax.device_get({"params": chosen, "batch_stats": state.batch_stats})
+    name = config.model.name
+    state_dict = export_state_dict(name, variables)
+    kwargs = model_kwargs(name, setup.model)
+    # Fails here, not at load time, if the PyTorch twin does not take these weights.
+    build_torch_model(name, setup.dataset.num_classes, **kwargs).load_state_dict(
+        state_dict, strict=True
+    )
+    out_dir = export_dir(workdir)
+    os.makedirs(out_dir, exist_ok=True)
+    model_path = os.path.join(out_dir, MODEL_FILE)
+    atomic_write(model_path, lambda p: torch.save(state_dict, p))
+    meta = {
+        "architecture": name,
+        "kwargs": kwargs,
+        "num_classes": setup.dataset.num_classes,
+        "mean": kwargs["mean"],
+        "std": kwargs["std"],
+        "dataset": config.dataset.name,
+        "image_shape": list(setup.dataset.image_shape),
+        "input": "NCHW float32 in [0, 1]; the model normalises itself",
+        "epsilon": float(config.attack.eps),
+        "norm": config.attack.norm,
+        "params": params,
+        "checkpoint": "best" if use_best else "last",
+        "step": int(jax.device_get(state.step)),
+        "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(variables["params"]))),
+        "sha256": _sha256(model_path),
+    }
+
+    def write_json(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+
+    atomic_write(os.path.join(out_dir, META_FILE), write_json)
+    print(
+        f"Exported {name} ({params} params, {meta['checkpoint']} checkpoint, step "
+        f"{meta['step']}) to {model_path}"
+    )
+    return meta
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    """The model.json of an export directory; ValueError (one line) if missing or corrupt."""
+    path = os.path.join(directory, META_FILE)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        for k in ("architecture", "kwargs", "num_classes"):
+            meta[k]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read export metadata {path}: {_one_line(e)}") from None
+    return meta
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def load_exported(directory: str) -> nn.Module:
+    """The exported PyTorch model of `directory` (<workdir>/export) in eval mode.
+
+    Reads model.json and model.pt with `torch.load(..., weights_only=True)`; any missing,
+    corrupt or mismatching file raises ValueError with one line naming it.
+    """
+    meta = read_meta(directory)
+    path = os.path.join(directory, MODEL_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(f"cannot load exported model {path}: {_one_line(e)}") from None
+    try:
+        model = build_torch_model(meta["architecture"], int(meta["num_classes"]), **meta["kwargs"])
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"exported model {path} does not match {os.path.join(directory, META_FILE)}: "
+            f"{_one_line(e)}"
+        ) from None
+    return model.eval()

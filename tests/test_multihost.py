@@ -1,0 +1,124 @@
+"""Multi-process training: 2 processes x 2 CPU devices (gloo) equal 1 process x 4 devices."""
+
+import ast
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import pytest
+
+from score_jax import checkpoint, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = [
+    "--config.num_train_steps=3",
+    "--config.model.width=4",
+    "--config.model.hidden=8",
+    "--config.model.conv_impl=xla",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=60",
+    "--config.attack.num_steps=2",
+    "--config.eval.num_steps=1",
+    "--config.test.num_steps=1",
+    "--config.eval_every_epochs=0",
+    "--config.progress_bar=False",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir, devices: int, extra: list[str]) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    cmd = [sys.executable, "-m", "score_jax.main", "--config", "configs/digits.py"]
+    cmd += ["--workdir", str(workdir), *OVERRIDES, *extra]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for every process; if one fails or time runs out, kills the rest and fails."""
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+            if p.returncode != 0:
+                pytest.fail(f"process exited with {p.returncode}:\n{out[-3000:]}")
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process did not finish in time")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outputs
+
+
+def _final_state(workdir):
+    config = _digits_tiny_config()
+    setup = trainer.Setup(config, str(workdir))
+    ckpt = checkpoint.Checkpointer(str(workdir))
+    state, _ = ckpt.restore(setup.initial_state())
+    ckpt.close()
+    return jax.device_get(state)
+
+
+def _digits_tiny_config():
+    """configs/digits.py with OVERRIDES applied as the command line does."""
+    spec = importlib.util.spec_from_file_location("digits", os.path.join(REPO, "configs/digits.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in OVERRIDES:
+        key, value = item.removeprefix("--config.").split("=")
+        *path, last = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        try:
+            node[last] = ast.literal_eval(value)
+        except ValueError:
+            node[last] = value
+    return config
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    port = _free_port()
+    multi = tmp_path / "multi"
+    procs = [
+        _launch(
+            multi,
+            2,
+            [
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+        )
+        for i in range(2)
+    ]
+    outputs = _wait_all(procs, timeout=400)
+    assert "Test split" in outputs[0] and "Test split" not in outputs[1]  # process 0 reports
+    single = tmp_path / "single"
+    _wait_all([_launch(single, 4, [])], timeout=300)
+    a, b = _final_state(multi), _final_state(single)
+    assert int(a.step) == int(b.step) == 3
+    chex.assert_trees_all_close(a.params, b.params, atol=2e-5, rtol=1e-4)
+    chex.assert_trees_all_close(a.batch_stats, b.batch_stats, atol=2e-5, rtol=1e-4)
+    chex.assert_trees_all_close(a.ema_params, b.ema_params, atol=2e-5, rtol=1e-4)
+    with open(multi / trainer.METRICS_FILE) as f:
+        assert len(f.readlines()) > 0  # written once, by process 0
