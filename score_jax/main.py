@@ -68,8 +68,8 @@ def main(argv: list[str]) -> None:
         else:
             run = trainer.train_and_evaluate if FLAGS.mode == "train" else trainer.evaluate_workdir
         run(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        sys.exit(f"score_jax: error: {e}")
+    except (ValueError, OSError) as e:  # bad input (incl. an unloadable --config): one line
+        sys.exit("score_jax: error: " + " ".join(str(e).split()))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

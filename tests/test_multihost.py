@@ -1,7 +1,5 @@
 """Multi-process training: 2 processes x 2 CPU devices (gloo) equal 1 process x 4 devices."""
 
-import ast
-import importlib.util
 import os
 import socket
 import subprocess
@@ -10,23 +8,9 @@ import sys
 import chex
 import jax
 import pytest
+from cli_helpers import OVERRIDES, REPO, digits_tiny_config
 
 from score_jax import checkpoint, trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = [
-    "--config.num_train_steps=3",
-    "--config.model.width=4",
-    "--config.model.hidden=8",
-    "--config.model.conv_impl=xla",
-    "--config.batch_size=16",
-    "--config.eval_batch_size=60",
-    "--config.attack.num_steps=2",
-    "--config.eval.num_steps=1",
-    "--config.test.num_steps=1",
-    "--config.eval_every_epochs=0",
-    "--config.progress_bar=False",
-]
 
 
 def _free_port() -> int:
@@ -68,31 +52,12 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 
 
 def _final_state(workdir):
-    config = _digits_tiny_config()
+    config = digits_tiny_config()
     setup = trainer.Setup(config, str(workdir))
     ckpt = checkpoint.Checkpointer(str(workdir))
     state, _ = ckpt.restore(setup.initial_state())
     ckpt.close()
     return jax.device_get(state)
-
-
-def _digits_tiny_config():
-    """configs/digits.py with OVERRIDES applied as the command line does."""
-    spec = importlib.util.spec_from_file_location("digits", os.path.join(REPO, "configs/digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in OVERRIDES:
-        key, value = item.removeprefix("--config.").split("=")
-        *path, last = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        try:
-            node[last] = ast.literal_eval(value)
-        except ValueError:
-            node[last] = value
-    return config
 
 
 @pytest.mark.slow

@@ -1,0 +1,94 @@
+"""Preemption: SIGTERM saves and exits 0; SIGKILL at any moment; resuming is bit-identical."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import pytest
+from cli_helpers import OVERRIDES, REPO, digits_tiny_config
+
+from score_jax import checkpoint, trainer
+
+STEPS = 24
+RUN = [f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3"]
+
+
+def _start(workdir) -> subprocess.Popen:
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    )
+    cmd = [sys.executable, "-m", "score_jax.main", "--config", "configs/digits.py"]
+    cmd += ["--workdir", str(workdir), *OVERRIDES, *RUN, "--config.log_every_steps=1"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for_steps(workdir, proc: subprocess.Popen, lines: int, timeout: float = 120) -> None:
+    """Waits until metrics.jsonl has `lines` lines (training is under way)."""
+    path = os.path.join(workdir, trainer.METRICS_FILE)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early:\n{proc.stdout.read()[-2000:]}")
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= lines:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("training did not start in time")
+
+
+def _final(workdir):
+    config = digits_tiny_config()
+    config.num_train_steps = STEPS
+    setup = trainer.Setup(config, str(workdir))
+    ckpt = checkpoint.Checkpointer(str(workdir))
+    step = ckpt.latest_step()
+    state, _ = ckpt.restore(setup.initial_state())
+    ckpt.close()
+    state = jax.device_get(state)
+    arrays = (state.step, state.params, state.ema_params, state.batch_stats, state.opt_state)
+    return step, arrays
+
+
+def _train_lines(workdir):
+    with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
+        return [line for line in f if '"train/' in line]
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path):
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+
+    proc = _start(interrupted)
+    _wait_for_steps(interrupted, proc, 4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "Preempted (SIGTERM) at step" in out and "same command" in out
+    ckpt = checkpoint.Checkpointer(str(interrupted))
+    term_step = ckpt.latest_step()
+    ckpt.close()
+    assert term_step is not None and 4 <= term_step < STEPS
+
+    proc = _start(interrupted)  # resumes, then dies without warning
+    _wait_for_steps(interrupted, proc, term_step + 6)
+    proc.kill()
+    proc.wait()
+
+    proc = _start(interrupted)  # resumes from the newest complete checkpoint and finishes
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+
+    proc = _start(straight)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+
+    (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
+    assert step_a == step_b == STEPS
+    chex.assert_trees_all_equal(a, b)  # params, EMA, BatchNorm statistics, optimizer state
+    assert _train_lines(interrupted) == _train_lines(straight)
