@@ -72,6 +72,15 @@ class Checkpointer:
         self.last = manager("checkpoints", keep)
         self.best = manager("best", 1)
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.last.all_steps())
+
+    def step_dir(self, step: int, best: bool = False) -> str:
+        return os.path.join(str((self.best if best else self.last).directory), str(step))
+
+    def delete(self, step: int) -> None:
+        self.last.delete(step)
+
     def latest_step(self, best: bool = False) -> int | None:
         return (self.best if best else self.last).latest_step()
 

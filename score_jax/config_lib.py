@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.best_by = "ema"  # "ema" | "raw": whose validation PGD accuracy selects the best checkpoint
     c.resume_ignore_mismatch = False
+    c.resume_fallback = False  # a corrupt newest checkpoint: resume from the previous one
     c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
     c.progress_bar = True
 

@@ -166,23 +166,44 @@ class Setup:
 def _restore_or_init(
     setup: Setup, ckpt: checkpoint.Checkpointer
 ) -> tuple[train.TrainState, dict[str, Any]]:
+    """The newest checkpoint's state (after checking it belongs to this config), else a new one.
+
+    A corrupt or truncated checkpoint is an error naming it; with config.resume_fallback the
+    previous checkpoints are tried in turn.
+    """
     state = setup.initial_state()
-    latest = ckpt.latest_step()
-    if latest is None:
+    steps = ckpt.all_steps()
+    if not steps:
         return state, {}
-    meta = ckpt.restore_meta(latest)
-    diff = checkpoint.fingerprint_mismatch(
-        meta.get("fingerprint", {}), checkpoint.fingerprint(setup.config)
-    )
-    if diff and not setup.config.resume_ignore_mismatch:
-        raise ValueError(
-            f"workdir {setup.workdir!r} holds a checkpoint (step {latest}) of another config "
-            f"(differs in {', '.join(diff[:5])}); use another --workdir or set "
-            "--config.resume_ignore_mismatch=True"
-        )
-    state, meta = ckpt.restore(state, latest)
-    logging.info("Resumed from step %d of %s", latest, setup.workdir)
-    return state, meta
+    for i, step in enumerate(reversed(steps)):
+        try:
+            meta = ckpt.restore_meta(step)
+            mismatch = checkpoint.fingerprint_mismatch(
+                meta.get("fingerprint", {}), checkpoint.fingerprint(setup.config)
+            )
+            if not mismatch or setup.config.resume_ignore_mismatch:
+                restored, meta = ckpt.restore(state, step)
+        except Exception as e:  # orbax / tensorstore errors of a damaged checkpoint
+            path = ckpt.step_dir(step)
+            reason = " ".join(str(e).split())[:160]
+            if not setup.config.resume_fallback:
+                raise ValueError(
+                    f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {reason}); "
+                    "set --config.resume_fallback=True to resume from the previous checkpoint"
+                ) from None
+            logging.warning("Deleting corrupt checkpoint %s (%s)", path, reason)
+            ckpt.delete(step)
+            continue
+        if mismatch and not setup.config.resume_ignore_mismatch:
+            raise ValueError(
+                f"workdir {setup.workdir!r} holds a checkpoint (step {step}) of another "
+                f"config (differs in {', '.join(mismatch[:5])}); use another --workdir or set "
+                "--config.resume_ignore_mismatch=True"
+            )
+        if i:
+            logging.warning("Resumed from step %d, an older checkpoint", step)
+        return restored, meta
+    raise ValueError(f"no checkpoint in {setup.workdir!r} could be restored")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

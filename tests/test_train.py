@@ -166,6 +166,24 @@ def test_refuses_to_resume_another_config(tmp_path):
     )
 
 
+def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(tmp_path):
+    config = tiny_config(num_train_steps=6, checkpoint_every_steps=3)
+    trainer.train_and_evaluate(config, str(tmp_path))
+    data_dir = tmp_path / "checkpoints" / "6" / "state"
+    for path in data_dir.rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:5])  # truncate every data file
+    config = tiny_config(num_train_steps=8, checkpoint_every_steps=3)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/6 is corrupt.*resume_fallback"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    config.resume_fallback = True
+    results = trainer.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    assert ckpt.latest_step() == 8 and 6 in ckpt.all_steps()  # step 6 written again
+    ckpt.close()
+    assert results["step"] >= 3
+
+
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
