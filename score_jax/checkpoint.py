@@ -58,6 +58,11 @@ def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def exists(workdir: str) -> bool:
+    """Whether workdir holds a checkpoint directory (checked without creating anything)."""
+    return any(os.path.isdir(os.path.join(workdir, sub)) for sub in ("checkpoints", "best"))
+
+
 class Checkpointer:
     """Two orbax CheckpointManagers: `checkpoints/` (last `keep`) and `best/` (one)."""
 

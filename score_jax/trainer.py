@@ -353,6 +353,8 @@ def evaluate_workdir(
 ) -> dict[str, Any]:
     """Clean and PGD accuracy on the test split of the best checkpoint (else the last), for the
     EMA and the raw parameters; printed as a table and written to <workdir>/results.json."""
+    if ckpt is None and not checkpoint.exists(workdir):
+        raise ValueError(f"workdir {workdir!r} holds no checkpoint to evaluate")
     setup = setup or Setup(config, workdir)
     own = ckpt is None
     ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)

@@ -47,8 +47,7 @@ def require_torch(autoattack: bool = False) -> None:
             missing.append(module)
     if missing:
         raise MissingTorchError(
-            f"the PyTorch bridge needs {' and '.join(missing)}, not installed: "
-            f"{INSTALL_HINT}"
+            f"the PyTorch bridge needs {' and '.join(missing)}, not installed: {INSTALL_HINT}"
         )
 
 

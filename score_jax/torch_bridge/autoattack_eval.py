@@ -116,6 +116,8 @@ def run_autoattack(
     ):
         export.export_workdir(config, workdir, params)
     meta = export.read_meta(out_dir)
+    if meta.get("params") != params:
+        print(f"Using the existing export in {out_dir} ({meta.get('params')} params)", flush=True)
     name = config.model.name
     if meta["architecture"] != name or meta.get("dataset") != config.dataset.name:
         raise ValueError(

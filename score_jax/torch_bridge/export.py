@@ -185,6 +185,8 @@ def export_workdir(
     """
     if params not in PARAM_CHOICES:
         raise ValueError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
+    if not checkpoint.exists(workdir):
+        raise ValueError(f"workdir {workdir!r} holds no checkpoint to export")
     setup = trainer.Setup(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
@@ -243,8 +245,9 @@ def read_meta(directory: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             meta = json.load(f)
-        for k in ("architecture", "kwargs", "num_classes"):
-            meta[k]  # noqa: B018
+        missing = [k for k in ("architecture", "kwargs", "num_classes") if k not in meta]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read export metadata {path}: {_one_line(e)}") from None
     return meta

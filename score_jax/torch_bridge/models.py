@@ -188,7 +188,9 @@ class PreActBlock(nn.Module):
         self.conv2 = _conv3x3(planes, planes, 1)
         self.act = activation_fn()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(x))
@@ -290,7 +292,7 @@ class ResNet(_CifarResNet):
 
 
 class SmallCNN(_Normalized):
-    """3 x (conv 3x3 -> BN -> act) at widths w, 2w (stride 2), 2w -> mean pool -> dense -> logits."""
+    """3 x (conv 3x3 -> BN -> act), widths w, 2w (stride 2), 2w -> mean pool -> dense -> logits."""
 
     def __init__(
         self,
@@ -331,7 +333,7 @@ ARCH_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def family(model_name: str) -> str:
-    """"wrn" for every wrn-D-W name, else the name itself (as in score_jax.models.MODEL_NAMES)."""
+    """The family: "wrn" for every wrn-D-W name, else the name (a score_jax.models name)."""
     from score_jax.models import MODEL_NAMES
 
     if model_name not in MODEL_NAMES:

@@ -1,0 +1,293 @@
+"""The PyTorch bridge: Flax -> PyTorch parity of every architecture, RobustBench WRN names,
+--mode export / autoattack end to end, bad exports, and torch staying optional."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pyautoattack")
+
+from score_jax import models  # noqa: E402
+from score_jax.torch_bridge import (  # noqa: E402
+    INSTALL_HINT,
+    build_torch_model,
+    export_state_dict,
+    import_state_dict,
+    load_exported,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_variables(shapes, seed: int):
+    """Random params (He-scaled kernels, scale/bias around 1/0) and non-trivial BN statistics."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name == "mean":
+            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        if name == "bias":
+            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
+        fan_in = int(np.prod(s.shape[:-1]))
+        return rng.normal(0.0, np.sqrt(1.0 / fan_in), s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.mark.parametrize(
+    "name,kw,shape",
+    [
+        ("wrn-16-2", {}, (16, 16, 3)),  # SiLU; shortcuts at every group start
+        ("wrn-16-2", dict(depth=10, width=1, activation="relu"), (32, 32, 3)),  # no shortcut in g0
+        # 11M parameters whatever the size: 8x8 keeps XLA's CPU convolutions quick.
+        ("preact-resnet-18", {}, (8, 8, 3)),
+        ("resnet-18", dict(activation="silu"), (8, 8, 3)),
+        ("small-cnn", dict(width=8, hidden=16, mean=(0.3,), std=(0.4,)), (8, 8, 1)),
+    ],
+)
+def test_logits_match_flax(name, kw, shape):
+    flax_model = models.get_model(name, 10, conv_impl="xla", **kw)
+    x = np.random.default_rng(0).uniform(0.0, 1.0, (32, *shape)).astype(np.float32)
+    shapes = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), x[:1], train=False))
+    variables = random_variables(shapes, seed=1)
+    expected = np.asarray(
+        jax.jit(flax_model.apply, static_argnames="train")(variables, x, train=False)
+    )
+
+    state = export_state_dict(name, variables)
+    model = build_torch_model(name, 10, **kw)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        got = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(expected).max() > 0.1  # not a degenerate comparison
+    assert "mean" not in state and "std" not in model.state_dict()  # non-persistent buffers
+    # momentum = 1 - Flax momentum
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {m.momentum for m in bn} == ({0.01} if name.startswith("wrn") else {0.1})
+    assert {m.eps for m in bn} == {1e-5}
+    # and back: the exact Flax variables
+    back = import_state_dict(name, model.state_dict(), shapes)
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+def _dm_wide_resnet_keys(depth: int, width: int, num_classes: int) -> dict[str, tuple]:
+    """RobustBench DMWideResNet's state-dict keys and shapes, written out by hand."""
+    keys: dict[str, tuple] = {"init_conv.weight": (16, 3, 3, 3)}
+
+    def bn(prefix: str, c: int) -> None:
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            keys[f"{prefix}.{k}"] = (c,)
+        keys[f"{prefix}.num_batches_tracked"] = ()
+
+    n = (depth - 4) // 6
+    channels = [16, 16 * width, 32 * width, 64 * width]
+    for g in range(3):
+        for i in range(n):
+            cin, cout = (channels[g] if i == 0 else channels[g + 1]), channels[g + 1]
+            p = f"layer.{g}.block.{i}"
+            bn(f"{p}.batchnorm_0", cin)
+            keys[f"{p}.conv_0.weight"] = (cout, cin, 3, 3)
+            bn(f"{p}.batchnorm_1", cout)
+            keys[f"{p}.conv_1.weight"] = (cout, cout, 3, 3)
+            if cin != cout:
+                keys[f"{p}.shortcut.weight"] = (cout, cin, 1, 1)
+    bn("batchnorm", channels[3])
+    keys["logits.weight"] = (num_classes, channels[3])
+    keys["logits.bias"] = (num_classes,)
+    return keys
+
+
+def test_wrn28_10_state_dict_is_robustbench_dm_wide_resnet():
+    flax_model = models.get_model("wrn-28-10", 10)
+    shapes = jax.eval_shape(
+        lambda: flax_model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
+    )
+    exported = {k: tuple(v.shape) for k, v in export_state_dict("wrn-28-10", shapes).items()}
+    with torch.device("meta"):
+        model = build_torch_model("wrn-28-10", 10, activation="silu")
+    torch_keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = _dm_wide_resnet_keys(28, 10, 10)
+    assert exported == expected
+    assert torch_keys == expected
+    assert list(model.state_dict())[:2] == [
+        "init_conv.weight",
+        "layer.0.block.0.batchnorm_0.weight",
+    ]
+    num_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"]))
+    assert round(num_params / 1e6, 2) == 36.48
+    assert isinstance(model.layer, torch.nn.Sequential) and len(model.layer) == 3
+    assert [len(group.block) for group in model.layer] == [4, 4, 4]
+
+
+def test_build_torch_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="Unknown model 'vit'"):
+        build_torch_model("vit", 10)
+    with pytest.raises(ValueError, match="unknown model fields"):
+        build_torch_model("small-cnn", 10, depth=3)
+    with pytest.raises(ValueError, match="Unknown activation"):
+        build_torch_model("resnet-18", 10, activation="gelu")
+
+
+def _cli(*args, env_extra=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "score_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# A short TRADES run on digits, small enough to train in seconds but better than chance.
+E2E_OVERRIDES = {
+    "num_train_steps": 100,
+    "model.width": 8,
+    "model.hidden": 16,
+    "model.conv_impl": "xla",
+    "batch_size": 32,
+    "eval_batch_size": 60,
+    "attack.num_steps": 2,
+    "attack.eps": 0.05,
+    "loss.beta": 1.0,
+    "optim.learning_rate": 0.1,
+    "ema.decay": 0.9,
+    "eval.num_steps": 0,
+    "test.num_steps": 0,
+    "eval_every_epochs": 0,
+    "progress_bar": False,
+}
+
+
+def test_autoattack_end_to_end_and_bad_exports(tmp_path):
+    from score_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("digits", os.path.join(REPO, "configs/digits.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    workdir = tmp_path / "wd"
+    for key, value in E2E_OVERRIDES.items():
+        *path, last = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        node[last] = value
+    trainer.train_and_evaluate(config, str(workdir))  # in-process: one JAX start-up less
+    args = ["--config", "configs/digits.py", "--workdir", str(workdir)]
+    args += [f"--config.{k}={v}" for k, v in E2E_OVERRIDES.items()]
+    num = 32
+    out = _cli(
+        *args,
+        "--mode", "autoattack",
+        f"--config.autoattack.num_examples={num}",
+        "--config.autoattack.version=custom",
+        "--config.autoattack.attacks=('apgd-ce', 'apgd-t')",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    assert "robust accuracy after APGD-CE" in out.stdout  # AutoAttack's progress lines
+
+    with open(workdir / "autoattack.json") as f:
+        r = json.load(f)
+    assert {
+        "clean_accuracy", "robust_accuracy", "num_examples", "eps", "norm", "version", "seconds",
+        "pgd20_accuracy", "attacks", "jax_clean_accuracy",
+    } <= set(r)  # fmt: skip
+    assert (r["num_examples"], r["eps"], r["norm"], r["version"]) == (num, 0.05, "Linf", "custom")
+    assert r["attacks"] == ["apgd-ce", "apgd-t"]
+    assert r["clean_accuracy"] == r["jax_clean_accuracy"]  # same model in both frameworks
+    assert r["robust_accuracy"] <= r["pgd20_accuracy"]  # AutoAttack is the stronger attack
+    assert r["robust_accuracy"] <= r["clean_accuracy"]
+    assert r["clean_accuracy"] > 0.2  # a trained model, not chance
+    assert r["max_linf_perturbation"] <= 0.05 + 1e-6
+
+    export = workdir / "export"
+    with open(export / "model.json") as f:
+        meta = json.load(f)
+    assert meta["architecture"] == "small-cnn" and meta["params"] == "ema"
+    assert meta["kwargs"] == {
+        "activation": "relu", "width": 8, "hidden": 16, "mean": meta["mean"], "std": meta["std"]
+    }  # fmt: skip
+    assert (meta["dataset"], meta["norm"], meta["epsilon"], meta["step"]) == (
+        "digits", "linf", 0.05, 100
+    )  # fmt: skip
+    state = torch.load(export / "model.pt", weights_only=True)
+    assert set(state) == set(load_exported(str(export)).state_dict())
+    assert sorted(os.listdir(export)) == ["model.json", "model.pt"]  # no temp files left
+
+    # Bad exports: one line naming the file.
+    (export / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"cannot load exported model .*model\.pt") as e:
+        load_exported(str(export))
+    assert "\n" not in str(e.value)
+    torch.save({k: v for k, v in state.items() if k != "logits.bias"}, export / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.pt does not match .*logits\.bias") as e:
+        load_exported(str(export))
+    assert "\n" not in str(e.value)
+    os.remove(export / "model.pt")
+    with pytest.raises(ValueError, match=r"cannot load exported model .*model\.pt"):
+        load_exported(str(export))
+    os.remove(export / "model.json")
+    with pytest.raises(ValueError, match=r"cannot read export metadata .*model\.json"):
+        load_exported(str(export))
+
+
+def test_custom_attacks_validation():
+    from score_jax import config_lib
+    from score_jax.torch_bridge.autoattack_eval import custom_attacks
+
+    aa = config_lib.base_config().autoattack
+    assert (aa.num_examples, aa.batch_size, aa.version) == (-1, 256, "standard")
+    assert custom_attacks(aa) == []
+    aa.version = "custom"
+    with pytest.raises(ValueError, match="config.autoattack.attacks must list"):
+        custom_attacks(aa)
+    aa.attacks = ("apgd-ce,apgd-t",)
+    assert custom_attacks(aa) == ["apgd-ce", "apgd-t"]
+    aa.attacks = ("pgd",)
+    with pytest.raises(ValueError, match="unknown"):
+        custom_attacks(aa)
+
+
+_NO_TORCH = """
+import importlib, pkgutil, runpy, sys
+sys.modules["torch"] = None  # import torch -> ImportError
+sys.modules["pyautoattack"] = None
+import score_jax
+for m in pkgutil.walk_packages(score_jax.__path__, "score_jax."):
+    if ".torch_bridge" not in m.name and m.name != "score_jax.main":
+        importlib.import_module(m.name)
+import score_jax.torch_bridge
+sys.argv = ["score_jax.main", *sys.argv[1:]]
+runpy.run_module("score_jax.main", run_name="__main__")
+"""
+
+
+def test_without_torch_modes_fail_with_install_hint(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable, "-c", _NO_TORCH, "--config", "configs/digits.py",
+            "--workdir", str(tmp_path), "--mode", "export",
+        ],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("score_jax: error:") and INSTALL_HINT in last, out.stderr
