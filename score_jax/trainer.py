@@ -212,8 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the results written to <workdir>/results.json.
     """
     config_lib.validate(config, num_devices=jax.device_count())
+    setup = Setup(config, workdir)  # loads the data: bad input fails before anything is written
     _check_writable(workdir)
-    setup = Setup(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     state, meta = _restore_or_init(setup, ckpt)
     start_step = int(jax.device_get(state.step))
