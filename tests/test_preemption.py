@@ -1,5 +1,6 @@
 """Preemption: SIGTERM saves and exits 0; SIGKILL at any moment; resuming is bit-identical."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,14 +18,25 @@ STEPS = 24
 RUN = [f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3"]
 
 
-def _start(workdir) -> subprocess.Popen:
-    env = dict(
+def _env() -> dict[str, str]:
+    return dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
     )
+
+
+def _command(workdir) -> list[str]:
     cmd = [sys.executable, "-m", "score_jax.main", "--config", "configs/digits.py"]
-    cmd += ["--workdir", str(workdir), *OVERRIDES, *RUN, "--config.log_every_steps=1"]
+    return cmd + ["--workdir", str(workdir), *OVERRIDES, *RUN, "--config.log_every_steps=1"]
+
+
+def _start(workdir) -> subprocess.Popen:
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _command(workdir),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -87,6 +99,18 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path):
     proc = _start(straight)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-2000:]
+
+    evaluation = subprocess.run(
+        [*_command(straight), "--mode", "eval"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    assert f"best checkpoint (step {STEPS})" in evaluation.stdout
+    with open(straight / trainer.RESULTS_FILE) as f:
+        assert json.load(f)["test_ema"]["num_examples"] == 360
 
     (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
     assert step_a == step_b == STEPS

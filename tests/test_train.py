@@ -1,7 +1,6 @@
 """The train step, the loop, resume, configs and bad-input errors (tiny models, offline data)."""
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -96,14 +95,12 @@ def test_four_devices_match_one(loss_type):
         jax.device_get(four.batch_stats), jax.device_get(one.batch_stats), atol=2e-5, rtol=1e-4
     )
     np.testing.assert_allclose(hist_four[-1]["loss"], hist_one[-1]["loss"], rtol=1e-4)
-
-
-def test_per_device_batch_stats_differ_from_synced():
-    config = tiny_config(sync_batch_stats=False)
-    synced, _, _ = run_steps(tiny_config(), train.make_mesh(jax.devices()[:4]), 1)
-    local, _, _ = run_steps(config, train.make_mesh(jax.devices()[:4]), 1)
-    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), synced.params, local.params)
-    assert max(jax.tree.leaves(diff)) > 1e-6
+    if loss_type == "trades":  # per-device statistics (the reference's DataParallel) differ
+        local, _, _ = run_steps(
+            tiny_config(loss_type, sync_batch_stats=False), train.make_mesh(jax.devices()[:4]), 2
+        )
+        diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), four.params, local.params)
+        assert max(jax.tree.leaves(diff)) > 1e-5
 
 
 def test_nonfinite_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
@@ -120,38 +117,6 @@ def test_nonfinite_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path
             if np.issubdtype(np.asarray(leaf).dtype, np.floating):
                 assert np.all(np.isfinite(leaf))
     ckpt.close()
-
-
-def _train_lines(workdir):
-    with open(os.path.join(workdir, trainer.METRICS_FILE)) as f:
-        return [line for line in f if '"train/' in line]
-
-
-def test_resume_continues_exactly(tmp_path):
-    # A constant schedule and no EMA warm-up make a 3-step run a prefix of the 6-step run.
-    kw = dict(
-        checkpoint_every_steps=3,
-        log_every_steps=1,
-        **{"optim.schedule": "constant", "ema.warmup_fraction": 0},
-    )
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    trainer.train_and_evaluate(tiny_config(num_train_steps=6, **kw), straight)
-    trainer.train_and_evaluate(tiny_config(num_train_steps=3, **kw), resumed)
-    trainer.train_and_evaluate(tiny_config(num_train_steps=6, **kw), resumed)
-    config = tiny_config(num_train_steps=6, **kw)
-    setup = trainer.Setup(config, straight)
-    states = []
-    for workdir in (straight, resumed):
-        ckpt = checkpoint.Checkpointer(workdir)
-        assert ckpt.latest_step() == 6
-        states.append(jax.device_get(ckpt.restore(setup.initial_state())[0]))
-        ckpt.close()
-    chex.assert_trees_all_equal(states[0], states[1])
-    assert _train_lines(straight) == _train_lines(resumed)
-    with open(os.path.join(resumed, trainer.RESULTS_FILE)) as f:
-        results = json.load(f)
-    assert 0.0 <= results["test_ema"]["clean_accuracy"] <= 1.0
-    assert results["test_ema"]["num_examples"] == 360
 
 
 def test_refuses_to_resume_another_config(tmp_path):
@@ -318,18 +283,3 @@ def test_cli_bad_override_is_one_clear_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith("score_jax: error: config.attack.eps")
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing half-written
-
-
-def test_cli_trains_and_evaluates(tmp_path):
-    args = [
-        "--config", "configs/digits.py", "--workdir", str(tmp_path),
-        "--config.num_train_steps=2", "--config.model.width=4", "--config.attack.num_steps=1",
-        "--config.test.num_steps=1", "--config.eval.num_steps=1", "--config.progress_bar=False",
-    ]  # fmt: skip
-    out = _cli(*args)
-    assert out.returncode == 0, out.stderr
-    assert "Test split, best checkpoint (step 2)" in out.stdout
-    out = _cli(*args, "--mode", "eval")
-    assert out.returncode == 0, out.stderr
-    with open(tmp_path / trainer.RESULTS_FILE) as f:
-        assert json.load(f)["step"] == 2
