@@ -1,0 +1,1 @@
+"""Speed benchmarks: the compiled JAX steps side by side with eager PyTorch (see README.md)."""

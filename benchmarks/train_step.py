@@ -1,0 +1,808 @@
+"""Train-step throughput: the compiled JAX SCORE step against the same step in eager PyTorch.
+
+    python -m benchmarks.train_step --model wrn-16-4 --batch 64 --steps 3 --loss trades-se \
+        --conv-impl im2col --json /tmp/wrn16.json
+
+The JAX step is built exactly as training builds it (`score_jax.trainer.build_model`,
+`optim.make_schedule` / `make_optimizer`, `train.create_train_state`, `train.compile_train_step`)
+from configs/cifar10_ddpm.py (SGD Nesterov 0.9, weight decay 5e-4 not on BatchNorm, EMA 0.995,
+PGD-10 with step 2/255 at Linf 8/255, TRADES-SE), with the model, batch, loss, dtype and
+convolution overridden; `--loss trades-kl` sets the KL divergence, `--loss pgd-at` takes the loss
+and attack of configs/cifar10_basic.py:pgd_at-kl (Madry: cross-entropy, uniform start, the attack
+in eval mode). It runs on a device-resident synthetic CIFAR-shaped batch (uint8 images, made by
+`TrainBatcher.batch(0)` and `shard_batch` once). Compilation (`.lower().compile()`) is timed
+apart; then the median of `--steps` steps, each ended by `block_until_ready`.
+
+The PyTorch step (benchmarks/torch_reference.py) runs in a subprocess, with the same initial
+weights (`export_state_dict`), batch, dtype and `torch.set_num_threads(os.cpu_count())`.
+
+FLOPs: XLA's `compiled.cost_analysis()` counts the body of a while loop once, whatever its trip
+count, so the attack's `fori_loop` is counted as one iteration. `flops_per_step` adds the other
+num_steps - 1 iterations (one iteration's FLOPs = the lowered step's cost with num_steps 1 minus
+with 0); `xla_flops_raw` is XLA's own number.
+
+`--breakdown` also times the step's parts in both frameworks (forward pass in train and eval
+mode, one attack iteration, loss forward + backward, optimizer + EMA update); `--profile` traces
+one step in both (`jax.profiler` / `torch.profiler`) and sums the time of each executed XLA
+instruction (thunk) by kind (convolution, dot, reduce, data movement, elementwise) and by layer
+and direction (from the instruction's `op_name` metadata: batchnorm / conv / activation,
+forward / backward), and the time of each aten op likewise. Both are to see where the time goes.
+"""
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import functools
+import glob
+import gzip
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from score_jax import attacks, config_lib, data, losses, optim, train, trainer
+from score_jax.models import layers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSSES = ("trades-se", "trades-kl", "pgd-at")
+DATE = "2026-11-25"
+
+
+# --- a benchmark-local convolution variant (measured here, not part of the library) ----------
+
+CONV_CHOICES = (*layers.CONV_IMPLS, "hybrid")
+
+
+def conv_weight_grad(x, g, kernel_shape, strides, padding):
+    """d(conv)/d(kernel) as kh * kw matrix products (patch^T @ g), one per kernel tap."""
+    kh, kw, cin, cout = kernel_shape
+    sh, sw = strides
+    if any(p for pair in padding for p in pair):
+        x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    b, ho, wo, _ = g.shape
+    g2 = g.reshape(-1, cout)
+    taps = [
+        lax.slice(
+            x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin), (1, sh, sw, 1)
+        )
+        .reshape(-1, cin)
+        .T
+        @ g2
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+_IM2COL = layers.conv_im2col  # the library's, kept: use_conv("hybrid") replaces the attribute
+
+
+def conv_input_grad(g, kernel, x_shape, strides, padding):
+    """d(conv)/d(x) given the output cotangent g. Stride 1: a forward convolution of g with the
+    flipped, in/out-swapped kernel (XLA's own transposed convolution misses the fast CPU path
+    inside while loops: 3-4x slower there); other strides: the im2col formulation's gradient."""
+    kh, kw = kernel.shape[:2]
+    pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),)
+    pads += ((kw - 1 - padding[1][0], kw - 1 - padding[1][1]),)
+    if tuple(strides) == (1, 1) and all(p >= 0 for pair in pads for p in pair):
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        return layers.conv_xla(g, flipped, (1, 1), pads)
+    x = jnp.zeros(x_shape, g.dtype)
+    return jax.vjp(lambda v: _IM2COL(v, kernel, strides, padding), x)[1](g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_hybrid(x, kernel, strides, padding):
+    return layers.conv_xla(x, kernel, strides, padding)
+
+
+def _conv_hybrid_fwd(x, kernel, strides, padding):
+    return layers.conv_xla(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_hybrid_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    dx = conv_input_grad(g, kernel, x.shape, strides, padding)
+    dw = conv_weight_grad(x, g, kernel.shape, strides, padding)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
+
+
+def conv_hybrid(x, kernel, strides, padding):
+    """A CPU convolution for training: XLA's native convolution forward (fast on CPU), the input
+    gradient as a native forward convolution (stride 1) or im2col's (strided), the kernel
+    gradient as per-tap matrix products (XLA's native kernel gradient is ~6-25x slower on CPU).
+    Same signature and values as layers.conv_xla / conv_im2col."""
+    return _conv_hybrid(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+
+
+def conv_label(choice: str) -> str:
+    return choice if choice == "hybrid" else layers.resolve_conv_impl(choice)
+
+
+def use_conv(choice: str) -> str:
+    """The config's conv_impl for a --conv-impl choice; "hybrid" patches layers.conv_im2col in
+    this process (the library is unchanged on disk) and runs as "im2col"."""
+    if choice == "hybrid":
+        layers.conv_im2col = conv_hybrid
+        return "im2col"
+    return choice
+
+
+# --- shared helpers (benchmarks/eval.py uses them too) ---------------------------------------
+
+
+def loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB: VmHWM of /proc/self/status (reset by exec, so
+    a subprocess reports its own peak), else getrusage's ru_maxrss (KiB on Linux; a child
+    inherits its parent's value across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def time_calls(
+    fn: Callable[[], object], steps: int, warmup: int, cpu: list[float] | None = None
+) -> list[float]:
+    """Wall seconds of each of `steps` calls of fn (which must block), after `warmup` calls;
+    appends each call's CPU seconds (all threads of this process) to `cpu` if given."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
+    return times
+
+
+def flops_of(cost: Any) -> float:
+    """The "flops" entry of a cost analysis (a dict, or a list of one dict in older jax)."""
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def load_config(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    path = os.path.join(REPO, "configs", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)
+
+
+def make_config(
+    model: str,
+    batch: int,
+    loss: str,
+    *,
+    dtype: str = "float32",
+    conv_impl: str = "auto",
+    attack_steps: int = 10,
+    eval_steps: int = 20,
+) -> ml_collections.ConfigDict:
+    """configs/cifar10_ddpm.py with the benchmark's overrides (see the module docstring)."""
+    if loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
+    c = load_config("cifar10_ddpm")
+    if loss == "trades-kl":
+        c.loss.kind = "kl"
+    elif loss == "pgd-at":
+        basic = load_config("cifar10_basic", "pgd_at-kl")
+        c.loss = basic.loss
+        c.attack.init = basic.attack.init
+    c.model.name = model
+    c.model.activation = ""  # the model's default: SiLU for the WRNs, ReLU otherwise
+    c.model.conv_impl = conv_impl
+    c.model.dtype = dtype
+    c.batch_size = batch
+    c.eval_batch_size = batch
+    c.attack.num_steps = attack_steps
+    c.test.num_steps = eval_steps
+    c.dataset.real_fraction = 1.0  # synthetic data only (no generated .npz)
+    c.num_train_steps = 1000  # only sets the schedule's shape
+    c.progress_bar = False
+    return c
+
+
+def synthetic_dataset(image_size: int, num_train: int, seed: int = 0) -> data.Dataset:
+    """A CIFAR-10-shaped in-memory Dataset of random uint8 images and labels."""
+    rng = np.random.default_rng(seed)
+    shape = (image_size, image_size, 3)
+
+    def split(n: int) -> data.Split:
+        return data.Split(
+            rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+            rng.integers(0, 10, (n,), dtype=np.int32),
+        )
+
+    return data.Dataset(
+        name="cifar10",
+        num_classes=10,
+        image_shape=shape,
+        mean=layers.CIFAR10_MEAN,
+        std=layers.CIFAR10_STD,
+        train=split(num_train),
+        validation=split(16),
+        test=split(16),
+    )
+
+
+@dataclasses.dataclass
+class Bench:
+    """What `trainer.Setup` builds, from a config and an in-memory dataset."""
+
+    config: ml_collections.ConfigDict
+    dataset: data.Dataset
+    mesh: Any
+    model: Any
+    batcher: data.TrainBatcher
+    schedule: Any
+    tx: Any
+    ema_warmup_steps: int
+    key: np.ndarray
+
+    @classmethod
+    def build(
+        cls, config: ml_collections.ConfigDict, dataset: data.Dataset, devices: int = 0
+    ) -> "Bench":
+        """`devices` > 0: a mesh over the first `devices` devices (default all, as training)."""
+        mesh = train.make_mesh(jax.devices()[:devices] if devices > 0 else None)
+        config_lib.validate(config, num_devices=mesh.size)
+        batcher = data.TrainBatcher(
+            dataset, config.batch_size, config.seed, config.dataset.real_fraction
+        )
+        steps = trainer.total_steps(config, batcher.steps_per_epoch)
+        schedule = optim.make_schedule(config.optim, batcher.steps_per_epoch, steps)
+        return cls(
+            config=config,
+            dataset=dataset,
+            mesh=mesh,
+            model=trainer.build_model(config, dataset),
+            batcher=batcher,
+            schedule=schedule,
+            tx=optim.make_optimizer(config.optim, schedule),
+            ema_warmup_steps=int(round(config.ema.warmup_fraction * steps)),
+            key=train.base_key(config.seed),
+        )
+
+    def initial_state(self) -> train.TrainState:
+        state = train.create_train_state(
+            self.model, self.tx, self.dataset.image_shape, self.config.seed
+        )
+        return train.replicate(state, self.mesh)
+
+    def step_fn(self, config: ml_collections.ConfigDict | None = None):
+        return train.compile_train_step(
+            self.model, config or self.config, self.schedule, self.ema_warmup_steps, self.mesh
+        )
+
+    def device_key(self) -> jax.Array:
+        return jax.device_put(self.key, NamedSharding(self.mesh, P()))
+
+
+def torch_model_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
+    """build_torch_model's keyword arguments for the configured model (as trainer.build_model)."""
+    kw: dict[str, Any] = {"mean": list(dataset.mean), "std": list(dataset.std)}
+    if config.model.activation:
+        kw["activation"] = config.model.activation
+    for k, v in config.model.items():
+        if k not in ("name", "activation", "conv_impl", "dtype"):
+            kw[k] = list(v) if isinstance(v, tuple) else v
+    return kw
+
+
+def run_torch(spec: dict, state: train.TrainState | None, batch: dict, workdir: str) -> dict:
+    """Runs benchmarks.torch_reference in a subprocess on `batch` from `state`'s weights."""
+    spec = dict(spec)
+    spec["batch"] = os.path.join(workdir, "batch.npz")
+    np.savez(spec["batch"], image=batch["image"], label=batch["label"])
+    spec["state_dict"] = None
+    if state is not None:
+        import torch
+
+        from score_jax.torch_bridge import export_state_dict
+
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        spec["state_dict"] = os.path.join(workdir, "state_dict.pt")
+        torch.save(export_state_dict(spec["model_name"], variables), spec["state_dict"])
+    spec_path, out_path = os.path.join(workdir, "spec.json"), os.path.join(workdir, "torch.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--spec", spec_path]
+    proc = subprocess.run(
+        [*cmd, "--out", out_path], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"torch reference failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def torch_spec(bench: Bench, mode: str, steps: int, warmup: int, breakdown: bool) -> dict:
+    c = bench.config
+    attack = config_lib.eval_attack(c, "test") if mode == "eval" else c.attack
+    spec = {
+        "mode": mode,
+        "model_name": c.model.name,
+        "num_classes": bench.dataset.num_classes,
+        "model_kwargs": torch_model_kwargs(c, bench.dataset),
+        "steps": steps,
+        "warmup": warmup,
+        "dtype": c.model.dtype,
+        "threads": os.cpu_count(),
+        "device": "cuda" if jax.default_backend() == "gpu" else "cpu",
+        "seed": c.seed,
+        "breakdown": breakdown,
+        "attack": attack.to_dict(),
+    }
+    if mode == "train":
+        spec["loss"] = {"type": c.loss.type, "kind": c.loss.kind, "beta": c.loss.beta}
+        spec["optim"] = {
+            k: c.optim[k]
+            for k in ("learning_rate", "momentum", "nesterov", "weight_decay")
+            + ("weight_decay_batchnorm",)
+        }
+        spec["ema"] = {"decay": c.ema.decay, "warmup_steps": bench.ema_warmup_steps}
+        spec["augment"] = c.augment.to_dict()
+    return spec
+
+
+# --- FLOPs and the breakdown -----------------------------------------------------------------
+
+
+def attack_iteration_flops(bench: Bench, lowered, state, batch, key) -> float:
+    """FLOPs of one attack iteration: the lowered step's count (which, like XLA's, has the loop
+    body once) minus that of the same step lowered with num_steps = 0."""
+    cfg = bench.config.copy_and_resolve_references()
+    cfg.attack.num_steps = 0
+    without = flops_of(bench.step_fn(cfg).lower(state, batch, key).cost_analysis())
+    return flops_of(lowered.cost_analysis()) - without
+
+
+def jax_breakdown(bench: Bench, state, host_batch: dict, steps: int, warmup: int) -> dict:
+    """Median ms of the step's parts, each jitted alone on one device, as train.train_step has
+    them: forward (the attack's mode; and in eval mode, without batch statistics), one attack
+    iteration, loss value_and_grad, update + EMA."""
+    c, model = bench.config, bench.model
+    lc, ac = c.loss, c.attack
+    state = jax.device_put(jax.device_get(state), bench.mesh.devices.flat[0])
+    x = jnp.asarray(host_batch["image"], jnp.float32) / 255.0
+    labels = jnp.asarray(host_batch["label"])
+
+    def apply_train(params, batch_stats, inputs):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            inputs,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return logits, updates["batch_stats"]
+
+    def logits_fn(st, inputs):
+        if lc.type == "trades":
+            return apply_train(st.params, st.batch_stats, inputs)[0]
+        return model.apply({"params": st.params, "batch_stats": st.batch_stats}, inputs, False)
+
+    def objective(st, x):
+        fn = lambda inputs: logits_fn(st, inputs)  # noqa: E731
+        if lc.type == "trades":
+            p_nat = jax.nn.softmax(fn(x).astype(jnp.float32))
+            return attacks.trades_objective(fn, p_nat, kind=lc.kind)
+        return attacks.label_objective(fn, labels, kind=lc.kind)
+
+    @jax.jit
+    def forward(st, x):
+        return logits_fn(st, x)
+
+    @jax.jit
+    def forward_eval(st, x):
+        return model.apply({"params": st.params, "batch_stats": st.batch_stats}, x, False)
+
+    @jax.jit
+    def iteration(st, x, delta):
+        obj = objective(st, x)
+        g = jax.grad(lambda d: jnp.sum(obj(x + d)))(delta)
+        delta = delta + ac.step_size * jnp.sign(g)
+        return attacks.project(delta, x, eps=ac.eps, norm="linf", x_min=0.0, x_max=1.0)
+
+    def loss_fn(params, st, x_adv):
+        if lc.type == "trades":
+            logits_nat, stats = apply_train(params, st.batch_stats, x)
+            logits_adv, stats = apply_train(params, stats, x_adv)
+            per_example = losses.trades_per_example(
+                logits_nat, logits_adv, labels, beta=lc.beta, kind=lc.kind
+            )
+            return jnp.mean(per_example), stats
+        logits_adv, stats = apply_train(params, st.batch_stats, x_adv)
+        return losses.pgd_at_loss(logits_adv, labels, kind=lc.kind), stats
+
+    @jax.jit
+    def loss_grad(st, x_adv):
+        return jax.value_and_grad(loss_fn, has_aux=True)(st.params, st, x_adv)
+
+    @jax.jit
+    def update_ema(st, grads):
+        new = st.apply_gradients(grads=grads)
+        ema = optim.ema_update(
+            st.ema_params, new.params, new.step, c.ema.decay, bench.ema_warmup_steps
+        )
+        return new.replace(ema_params=ema)
+
+    delta = jnp.full_like(x, 0.001)
+    x_adv = x + delta
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+    parts = {
+        "forward_ms": lambda: forward(state, x),
+        "forward_eval_mode_ms": lambda: forward_eval(state, x),
+        "attack_iteration_ms": lambda: iteration(state, x, delta),
+        "loss_grad_ms": lambda: loss_grad(state, x_adv),
+        "update_ema_ms": lambda: update_ema(state, grads),
+    }
+    out = {}
+    for name, fn in parts.items():
+        times = time_calls(lambda fn=fn: jax.block_until_ready(fn()), steps, warmup)
+        out[name] = 1e3 * statistics.median(times)
+    return out
+
+
+def add_estimates(breakdown: dict, step_s: float, num_steps: int, trades: bool) -> dict:
+    """Attack total (clean forward for TRADES + num_steps iterations) and the rest of the step."""
+    b = dict(breakdown)
+    b["attack_total_ms"] = (b["forward_ms"] if trades else 0.0) + num_steps * b[
+        "attack_iteration_ms"
+    ]
+    b["step_ms"] = 1e3 * step_s
+    b["other_ms"] = b["step_ms"] - b["attack_total_ms"] - b["loss_grad_ms"] - b["update_ema_ms"]
+    return b
+
+
+# --- op-level profile -----------------------------------------------------------------------
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|[^\s(]+)\s+([a-z][\w\-]*)\(")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"(?:calls|to_apply)=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_MOVES = {
+    "bitcast", "broadcast", "concatenate", "constant", "convert", "copy", "dynamic-slice",
+    "dynamic-update-slice", "gather", "get-tuple-element", "iota", "pad", "parameter",
+    "reshape", "reverse", "scatter", "slice", "transpose", "tuple",
+}  # fmt: skip
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str | None, str]]:
+    """Instruction name -> (kind, op_name) from compiled HLO text. kind: "convolution" / "dot" /
+    "reduce" (whatever the instruction or its fused computation contains first, in that order),
+    "data movement" (only copies, slices, pads, concatenates...), "elementwise", or None for
+    control flow (while / conditional, whose bodies are traced as their own instructions)."""
+    computations: dict[str, list[str]] = collections.defaultdict(list)
+    instructions: dict[str, tuple[str, list[str], str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if m and current is not None:
+            name, opcode = m.groups()
+            op_name = _OP_NAME.search(line)
+            instructions[name] = (opcode, _CALLS.findall(line), op_name.group(1) if op_name else "")
+            computations[current].append(name)
+        elif " = " not in line and (h := _HEADER.match(line)):
+            current = h.group(1)
+
+    def opcodes(computation: str, seen: set[str]) -> set[str]:
+        out = set()
+        for n in computations.get(computation, ()):
+            opcode, calls, _ = instructions[n]
+            out.add(opcode)
+            for c in calls:
+                if c not in seen:
+                    seen.add(c)
+                    out |= opcodes(c, seen)
+        return out
+
+    table = {}
+    for name, (opcode, calls, op_name) in instructions.items():
+        ops = {opcode}
+        for c in calls:
+            ops |= opcodes(c, {c})
+        if opcode in ("while", "conditional", "call"):
+            kind = None
+        elif "convolution" in ops:
+            kind = "convolution"
+        elif "dot" in ops:
+            kind = "dot"
+        elif "reduce" in ops or "reduce-window" in ops:
+            kind = "reduce"
+        elif ops - {"fusion"} <= _MOVES:
+            kind = "data movement"
+        else:
+            kind = "elementwise"
+        table[name] = (kind, op_name)
+    return table
+
+
+def layer_of(op_name: str) -> str:
+    """ "<layer> <direction>" of an op_name: batchnorm / conv / activation / other, forward /
+    backward (under a `transpose(` of the autodiff)."""
+    low = op_name.lower()
+    direction = "backward" if "transpose(" in low else "forward"
+    if "batchnorm" in low or "/bn" in low:
+        layer = "batchnorm"
+    elif "conv" in low or "shortcut" in low:
+        layer = "conv"
+    elif ".act" in low or "relu" in low or "silu" in low or "logistic" in low:
+        layer = "activation"
+    else:
+        layer = "other"
+    return f"{layer} {direction}"
+
+
+def _shares(totals: dict[str, float]) -> dict[str, dict[str, float]]:
+    total = sum(totals.values()) or 1.0
+    ordered = sorted(totals.items(), key=lambda kv: -kv[1])
+    return {k: {"ms": round(v, 3), "pct": round(100 * v / total, 2)} for k, v in ordered}
+
+
+def profile_jax(call: Callable[[], object], hlo_text: str, top: int = 12) -> dict:
+    """Traces one call and sums the traced instructions' durations (ms, summed over threads)."""
+    table = hlo_instructions(hlo_text)
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t0 = time.perf_counter()
+        call()
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(paths[0]) as f:
+            events = json.load(f)["traceEvents"]
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    by_layer: dict[str, float] = collections.defaultdict(float)
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        entry = table.get(e.get("name")) if e.get("ph") == "X" else None
+        if entry is None or entry[0] is None:
+            continue
+        ms = e.get("dur", 0) / 1e3
+        by_kind[entry[0]] += ms
+        by_layer[layer_of(entry[1])] += ms
+        by_op[e["name"]] += ms
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "traced_step_ms": 1e3 * wall,
+        "op_ms_total": sum(by_op.values()),
+        "by_kind": _shares(by_kind),
+        "by_layer": _shares(by_layer),
+        "top_ops": [
+            {"name": n, "ms": round(v, 3), "kind": table[n][0], "op_name": table[n][1]}
+            for n, v in ops
+        ],
+    }
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def run_jax_train(
+    bench: Bench, state, batch, steps: int, warmup: int, profile: bool = False
+) -> dict:
+    """Compiles (timed apart) and times the train step on the device-resident batch."""
+    num_steps = bench.config.attack.num_steps
+    key = bench.device_key()
+    fn = bench.step_fn()
+    load_before = loadavg()
+    t0 = time.perf_counter()
+    lowered = fn.lower(state, batch, key)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    raw = flops_of(compiled.cost_analysis())
+    iteration = attack_iteration_flops(bench, lowered, state, batch, key) if num_steps else 0.0
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = compiled(holder["state"], batch, key)
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics
+
+    cpu: list[float] = []
+    times = time_calls(one, steps, warmup, cpu)
+    median = statistics.median(times)
+    extra = {"profile": profile_jax(one, compiled.as_text())} if profile else {}
+    return {
+        "framework": f"jax {jax.__version__} ({jax.default_backend()})",
+        "trace_lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "step_s_all": times,
+        "step_s_median": median,
+        "step_cpu_s_all": cpu,
+        "step_cpu_s_median": statistics.median(cpu),
+        "images_per_s": bench.config.batch_size / median,
+        "xla_flops_raw": raw,
+        "attack_iteration_flops": iteration,
+        "flops_per_step": raw + max(num_steps - 1, 0) * iteration,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        **extra,
+        "_state": holder["state"],
+    }
+
+
+def markdown_row(result: dict) -> str:
+    a, j, t = result["args"], result["jax"], result.get("torch")
+    torch_ips = f"{t['images_per_s']:.2f}" if t else "-"
+    ratio = f"{result['ratio_jax_over_torch']:.2f}" if t else "-"
+    header = (
+        "| model | batch | loss | dtype | conv | JAX img/s | PyTorch img/s | JAX/PyTorch | "
+        "compile s | GFLOP/step | GFLOP/s | JAX peak RSS MB | load |"
+    )
+    sep = "|" + "---|" * (header.count("|") - 1)
+    row = (
+        f"| {a['model']} | {a['batch']} | {a['loss']} | {a['dtype']} | {j['conv_impl']} | "
+        f"{j['images_per_s']:.2f} | {torch_ips} | {ratio} | {j['compile_s']:.1f} | "
+        f"{j['flops_per_step'] / 1e9:.1f} | {j['flop_per_s'] / 1e9:.1f} | "
+        f"{j['peak_rss_mb']:.0f} | {'/'.join(f'{v:.1f}' for v in j['loadavg_before'])} |"
+    )
+    return "\n".join((header, sep, row))
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = make_config(
+        args.model,
+        args.batch,
+        args.loss,
+        dtype=args.dtype,
+        conv_impl=use_conv(args.conv_impl),
+        attack_steps=args.attack_steps,
+    )
+    dataset = synthetic_dataset(args.image_size, max(4 * args.batch, 256))
+    bench = Bench.build(config, dataset, args.devices)
+    state = bench.initial_state()
+    host_batch = bench.batcher.batch(0)
+    batch = train.shard_batch(host_batch, bench.mesh)
+    result: dict[str, Any] = {
+        "benchmark": "train_step",
+        "date": DATE,
+        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "args": vars(args),
+        "config": {
+            "loss": config.loss.to_dict(),
+            "attack": config.attack.to_dict(),
+            "optim": config.optim.to_dict(),
+            "ema": config.ema.to_dict(),
+            "augment": config.augment.to_dict(),
+        },
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        spec = torch_spec(bench, "train", args.steps, args.warmup, args.breakdown)
+        spec["profile"] = args.profile
+        # The initial weights go to the reference; the JAX steps donate `state`.
+        torch_state = None if args.no_torch else jax.device_get(state)
+        j = run_jax_train(bench, state, batch, args.steps, args.warmup, args.profile)
+        state = j.pop("_state")
+        j["conv_impl"] = conv_label(args.conv_impl)
+        j["flop_per_s"] = j["flops_per_step"] / j["step_s_median"]
+        if args.peak_flops > 0:  # model FLOPs utilisation against the chip's peak
+            j["mfu"] = j["flop_per_s"] / args.peak_flops
+        trades = config.loss.type == "trades"
+        if args.breakdown:
+            b = jax_breakdown(bench, state, host_batch, args.steps, args.warmup)
+            j["breakdown"] = add_estimates(b, j["step_s_median"], config.attack.num_steps, trades)
+        j["peak_rss_mb"] = peak_rss_mb()
+        result["jax"] = j
+        result["torch"] = None
+        if not args.no_torch:
+            t = run_torch(spec, torch_state, host_batch, workdir)
+            if "breakdown" in t:
+                t["breakdown"] = add_estimates(
+                    t["breakdown"], t["step_s_median"], config.attack.num_steps, trades
+                )
+            result["torch"] = t
+            result["ratio_jax_over_torch"] = j["images_per_s"] / t["images_per_s"]
+            # Images per CPU-second (all threads): steadier than wall time on a shared machine.
+            result["cpu_ratio_jax_over_torch"] = t["step_cpu_s_median"] / j["step_cpu_s_median"]
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="wrn-16-4")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    parser.add_argument("--loss", default="trades-se", choices=LOSSES)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--conv-impl",
+        default="auto",
+        choices=CONV_CHOICES,
+        help="hybrid: the benchmark-local conv_hybrid (native forward / input grad, per-tap "
+        "matmul kernel grad)",
+    )
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps in training")
+    parser.add_argument("--devices", type=int, default=0, help="first N devices (0: all)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the step's parts")
+    parser.add_argument("--profile", action="store_true", help="op-level profile of one step")
+    parser.add_argument(
+        "--peak-flops", type=float, default=0.0, help="the device's peak FLOP/s: adds jax.mfu"
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--json", required=True, help="where to write the results")
+    return parser.parse_args(argv)
+
+
+def write(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=float)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    write(result, args.json)
+    print(markdown_row(result))
+    if math.isfinite(result.get("ratio_jax_over_torch", math.nan)):
+        print(f"JAX/PyTorch images/s: {result['ratio_jax_over_torch']:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

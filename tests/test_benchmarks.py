@@ -1,0 +1,107 @@
+"""The benchmark harness runs end to end at a tiny shape and writes complete JSON (not a speed)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from benchmarks import eval as eval_bench  # noqa: E402
+from benchmarks import torch_reference, train_step  # noqa: E402
+
+TINY = ["--model", "small-cnn", "--batch", "8", "--image-size", "8", "--conv-impl", "xla"]
+TINY += ["--steps", "2", "--warmup", "0", "--devices", "1"]
+
+
+def assert_positive(d: dict, keys: tuple[str, ...], where: str) -> None:
+    for k in keys:
+        assert k in d, f"{where} lacks {k}"
+        v = d[k]
+        assert isinstance(v, int | float) and math.isfinite(v) and v > 0, f"{where}.{k} = {v!r}"
+
+
+def test_train_step_benchmark(tmp_path):
+    out = tmp_path / "train.json"
+    result = train_step.main([*TINY, "--attack-steps", "2", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "train_step" and saved["args"]["loss"] == "trades-se"
+    assert_positive(saved, ("ratio_jax_over_torch", "cpu_ratio_jax_over_torch"), "result")
+    jax_keys = ("compile_s", "step_s_median", "step_cpu_s_median", "images_per_s", "xla_flops_raw")
+    jax_keys += ("attack_iteration_flops", "flops_per_step", "flop_per_s", "peak_rss_mb")
+    assert_positive(saved["jax"], jax_keys, "jax")
+    assert saved["jax"]["flops_per_step"] > saved["jax"]["xla_flops_raw"]  # the loop's other step
+    assert len(saved["jax"]["step_s_all"]) == 2 and len(saved["jax"]["loadavg_before"]) == 3
+    torch_keys = ("step_s_median", "step_cpu_s_median", "images_per_s", "peak_rss_mb")
+    assert_positive(saved["torch"], torch_keys, "torch")
+    assert result["ratio_jax_over_torch"] == saved["ratio_jax_over_torch"]
+
+
+def test_eval_benchmark(tmp_path):
+    # --no-torch: the subprocess path is covered above, the torch evaluation in-process below.
+    out = tmp_path / "eval.json"
+    eval_bench.main(
+        [*TINY, "--attack-steps", "2", "--train-attack-steps", "0", "--loss", "pgd-at"]
+        + ["--num-train", "64", "--pipeline-steps", "2", "--rounds", "1", "--no-torch"]
+        + ["--json", str(out)]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "eval" and saved["jax"]["attack"]["num_steps"] == 2
+    assert_positive(saved["jax"], ("compile_s", "step_s_median", "images_per_s"), "jax")
+    pipe = saved["pipeline"]
+    keys = ("resident_steps_per_s", "real_steps_per_s", "host_batch_ms", "host_batch_pct_of_step")
+    assert_positive(pipe, keys, "pipeline")
+    assert math.isfinite(pipe["overhead_pct"])  # the sign is noise at this size
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_reference(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, image=rng.integers(0, 256, (4, 8, 8, 3), np.uint8), label=np.arange(4))
+    spec = {
+        "mode": mode,
+        "model_name": "small-cnn",
+        "num_classes": 10,
+        "model_kwargs": {"width": 4, "hidden": 8},
+        "state_dict": None,
+        "batch": str(batch),
+        "steps": 2,
+        "warmup": 0,
+        "dtype": "float32",
+        "threads": None,
+        "breakdown": True,
+        "attack": {"eps": 8 / 255, "step_size": 2 / 255, "num_steps": 2, "init": "uniform"},
+        "loss": {"type": "trades", "kind": "kl", "beta": 4.0},
+        "optim": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}
+        | {"weight_decay": 5e-4, "weight_decay_batchnorm": False},
+        "ema": {"decay": 0.995, "warmup_steps": 1},
+        "augment": {"crop_padding": 2, "flip": True},
+    }
+    result = torch_reference.run(spec)
+    assert_positive(result, ("step_s_median", "images_per_s", "peak_rss_mb", "threads"), mode)
+    if mode == "train":
+        parts = ("forward_ms", "attack_iteration_ms", "loss_grad_ms", "update_ema_ms")
+        assert_positive(result["breakdown"], parts, "breakdown")
+
+
+@pytest.mark.parametrize("stride,padding", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+def test_conv_hybrid_matches_xla(stride, padding):
+    """The benchmark-local convolution variant: same value and gradients as XLA's native one
+    (3x3 at stride 1 and at stride 2 with TF-SAME padding: both input-gradient paths)."""
+    import jax
+    import jax.numpy as jnp
+
+    from score_jax.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), padding)))
+
+    want = jax.value_and_grad(loss(layers.conv_xla), (0, 1))(x, w)
+    got = jax.jit(jax.value_and_grad(loss(train_step.conv_hybrid), (0, 1)))(x, w)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
