@@ -31,6 +31,7 @@ forward / backward), and the time of each aten op likewise. Both are to see wher
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -139,6 +140,17 @@ def conv_hybrid(x, kernel, strides, padding):
 
 def conv_label(choice: str) -> str:
     return choice if choice == "hybrid" else layers.resolve_conv_impl(choice)
+
+
+@contextlib.contextmanager
+def conv_variant(choice: str):
+    """Within the block, `choice` (any of CONV_CHOICES) is in effect for models traced there;
+    yields the config's conv_impl. The library's function is restored on exit."""
+    saved = layers.conv_im2col
+    try:
+        yield use_conv(choice)
+    finally:
+        layers.conv_im2col = saved
 
 
 def use_conv(choice: str) -> str:
@@ -701,6 +713,110 @@ def markdown_row(result: dict) -> str:
     return "\n".join((header, sep, row))
 
 
+def run_paired(args: argparse.Namespace) -> dict:
+    """Compiled JAX steps of each --paired conv variant and the PyTorch step (in this process),
+    called in turn, one step each per round: every round sees the same machine load, so the
+    per-round ratios stay meaningful on a shared machine where the load drifts."""
+    import torch
+
+    from benchmarks import torch_reference
+    from score_jax.torch_bridge import export_state_dict
+    from score_jax.torch_bridge.models import build_torch_model
+
+    variants = [v for v in args.paired.split(",") if v]
+    unknown = set(variants) - set(CONV_CHOICES)
+    if unknown:
+        raise ValueError(f"--paired: unknown conv variants {sorted(unknown)}; valid {CONV_CHOICES}")
+    dataset = synthetic_dataset(args.image_size, max(4 * args.batch, 256))
+    runners: dict[str, Callable[[], object]] = {}
+    out: dict[str, Any] = {}
+    bench = None
+    for v in variants:
+        with conv_variant(v) as impl:
+            config = make_config(
+                args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=impl,
+                attack_steps=args.attack_steps,
+            )  # fmt: skip
+            bench = Bench.build(config, dataset, args.devices)
+            state = bench.initial_state()
+            batch = train.shard_batch(bench.batcher.batch(0), bench.mesh)
+            key = bench.device_key()
+            t0 = time.perf_counter()
+            compiled = bench.step_fn().lower(state, batch, key).compile()
+            out[v] = {"compile_s": time.perf_counter() - t0, "step_s_all": []}
+            if not runners:
+                initial = jax.device_get(state)
+        holder = {"state": state}
+
+        def one(compiled=compiled, holder=holder, batch=batch, key=key):
+            holder["state"], metrics = compiled(holder["state"], batch, key)
+            jax.block_until_ready((holder["state"], metrics))
+
+        runners[v] = one
+    if not args.no_torch:
+        torch.set_num_threads(os.cpu_count() or 1)
+        spec = torch_spec(bench, "train", args.steps, args.warmup, False)
+        model = build_torch_model(spec["model_name"], spec["num_classes"], **spec["model_kwargs"])
+        variables = {"params": initial.params, "batch_stats": initial.batch_stats}
+        model.load_state_dict(export_state_dict(spec["model_name"], variables), strict=True)
+        ref = torch_reference.Reference(model, spec)
+        host = bench.batcher.batch(0)
+        images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
+        labels = torch.from_numpy(host["label"].astype(np.int64))
+        runners["torch"] = lambda: ref.train_step(images, labels)
+        out["torch"] = {"step_s_all": []}
+    for fn in runners.values():
+        time_calls(fn, 0, args.warmup)
+    rounds = []
+    for _ in range(args.steps):
+        row: dict[str, Any] = {"loadavg": loadavg()}
+        for name, fn in runners.items():
+            t = time_calls(fn, 1, 0)[0]
+            out[name]["step_s_all"].append(t)
+            row[name] = t
+        rounds.append(row)
+    for d in out.values():
+        d["step_s_median"] = statistics.median(d["step_s_all"])
+        d["images_per_s"] = args.batch / d["step_s_median"]
+    result: dict[str, Any] = {
+        "benchmark": "train_step_paired",
+        "date": DATE,
+        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "args": vars(args),
+        "variants": out,
+        "rounds": rounds,
+        "peak_rss_mb_process": peak_rss_mb(),
+    }
+    if not args.no_torch:
+        result["ratio_jax_over_torch"] = {
+            v: statistics.median(r["torch"] / r[v] for r in rounds) for v in variants
+        }
+    first = variants[0]
+    result[f"speedup_vs_{first}"] = {
+        v: statistics.median(r[first] / r[v] for r in rounds) for v in variants
+    }
+    return result
+
+
+def markdown_paired(result: dict) -> str:
+    a = result["args"]
+    lines = [
+        "| model | batch | loss | variant | s/step (median) | img/s | JAX/PyTorch (median of "
+        "per-round ratios) | load (first round) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = result.get("ratio_jax_over_torch", {})
+    load = "/".join(f"{v:.1f}" for v in result["rounds"][0]["loadavg"])
+    for name, d in result["variants"].items():
+        ratio = f"{ratios[name]:.2f}" if name in ratios else "-"
+        lines.append(
+            f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.1f} | "
+            f"{d['images_per_s']:.2f} | {ratio} | {load} |"
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict:
     config = make_config(
         args.model,
@@ -781,6 +897,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts")
     parser.add_argument("--profile", action="store_true", help="op-level profile of one step")
     parser.add_argument(
+        "--paired",
+        default="",
+        help="comma list of conv variants (e.g. im2col,hybrid): time them and PyTorch in turn, "
+        "one step each per round, PyTorch in this process (ignores --conv-impl, --breakdown, "
+        "--profile)",
+    )
+    parser.add_argument(
         "--peak-flops", type=float, default=0.0, help="the device's peak FLOP/s: adds jax.mfu"
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -796,6 +919,11 @@ def write(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.paired:
+        result = run_paired(args)
+        write(result, args.json)
+        print(markdown_paired(result))
+        return result
     result = run(args)
     write(result, args.json)
     print(markdown_row(result))
