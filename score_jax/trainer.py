@@ -224,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
         _truncate_metrics(os.path.join(workdir, METRICS_FILE), start_step)
+        if start_step:
+            print(f"Resuming from {ckpt.step_dir(start_step)} (step {start_step})", flush=True)
     writer = MetricWriter(workdir)
 
     step_fn = train.compile_train_step(

@@ -1,5 +1,7 @@
-"""Multi-process training: 2 processes x 2 CPU devices (gloo) equal 1 process x 4 devices."""
+"""Multi-process training: 2 processes x 2 CPU devices (gloo) equal 1 process x 4 devices;
+export: every process restores, process 0 writes."""
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -60,24 +62,23 @@ def _final_state(workdir):
     return jax.device_get(state)
 
 
+def _process_flags(port: int, i: int) -> list[str]:
+    return [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     port = _free_port()
     multi = tmp_path / "multi"
-    procs = [
-        _launch(
-            multi,
-            2,
-            [
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-        )
-        for i in range(2)
-    ]
+    procs = [_launch(multi, 2, _process_flags(port, i)) for i in range(2)]
     outputs = _wait_all(procs, timeout=400)
     assert "Test split" in outputs[0] and "Test split" not in outputs[1]  # process 0 reports
+    if importlib.util.find_spec("torch") is not None:  # export: all restore, process 0 writes
+        port = _free_port()
+        procs = [_launch(multi, 2, [*_process_flags(port, i), "--mode=export"]) for i in range(2)]
+        outputs = _wait_all(procs, timeout=300)
+        assert "Exported" in outputs[0] and "Exported" not in outputs[1]
+        assert sorted(os.listdir(multi / "export")) == ["model.json", "model.pt"]
     single = tmp_path / "single"
     _wait_all([_launch(single, 4, [])], timeout=300)
     a, b = _final_state(multi), _final_state(single)

@@ -1,5 +1,7 @@
-"""Preemption: SIGTERM saves and exits 0; SIGKILL at any moment; resuming is bit-identical."""
+"""Preemption: SIGTERM saves and exits 0; SIGKILL at any moment, also while a checkpoint is being
+written; resuming is bit-identical to an uninterrupted run (4 devices and 1 device)."""
 
+import functools
 import json
 import os
 import signal
@@ -18,14 +20,13 @@ STEPS = 24
 RUN = [f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3"]
 
 
-def _env() -> dict[str, str]:
-    return dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
-    )
+def _env(devices: int = 4) -> dict[str, str]:
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
 
 
-def _command(workdir) -> list[str]:
-    cmd = [sys.executable, "-m", "score_jax.main", "--config", "configs/digits.py"]
+def _command(workdir, program: tuple[str, ...] = ("-m", "score_jax.main")) -> list[str]:
+    cmd = [sys.executable, *program, "--config", "configs/digits.py"]
     return cmd + ["--workdir", str(workdir), *OVERRIDES, *RUN, "--config.log_every_steps=1"]
 
 
@@ -115,4 +116,28 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path):
     (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
     assert step_a == step_b == STEPS
     chex.assert_trees_all_equal(a, b)  # params, EMA, BatchNorm statistics, optimizer state
+    assert _train_lines(interrupted) == _train_lines(straight)
+
+
+@pytest.mark.slow
+def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_device(tmp_path):
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    killer = ("tests/kill_during_save.py", "9")  # SIGKILL once step 9's save is under way
+    run = functools.partial(subprocess.run, cwd=REPO, env=_env(1), capture_output=True, text=True)
+    killed = run(_command(interrupted, killer), timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpt = checkpoint.Checkpointer(str(interrupted))
+    assert ckpt.latest_step() == 6  # the half-written step 9 is not a checkpoint
+    ckpt.close()
+    partial = [n for n in os.listdir(interrupted / "checkpoints") if n.startswith("9.")]
+    assert partial and "tmp" in partial[0]  # it died mid-write: orbax's temporary directory
+
+    resumed = run(_command(interrupted), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in resumed.stdout and "(step 6)" in resumed.stdout
+    done = run(_command(straight), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
+    assert step_a == step_b == STEPS
+    chex.assert_trees_all_equal(a, b)
     assert _train_lines(interrupted) == _train_lines(straight)

@@ -265,6 +265,16 @@ def test_custom_attacks_validation():
         custom_attacks(aa)
 
 
+def test_autoattack_refuses_multi_process_runs(tmp_path, monkeypatch):
+    from score_jax import config_lib
+    from score_jax.torch_bridge import autoattack_eval
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="--mode autoattack runs in a single process"):
+        autoattack_eval.run_autoattack(config_lib.base_config(), str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 _NO_TORCH = """
 import importlib, pkgutil, runpy, sys
 sys.modules["torch"] = None  # import torch -> ImportError

@@ -106,6 +106,11 @@ def run_autoattack(
     examples, of <workdir>/export (exported first, with `params`, if missing)."""
     from pyautoattack import AutoAttack
 
+    if jax.process_count() > 1:
+        raise ValueError(
+            "--mode autoattack runs in a single process: start it without --distributed / "
+            "--coordinator_address (it reads the checkpoint that all processes wrote)"
+        )
     aa = config.autoattack
     attacks = custom_attacks(aa)
     if config.attack.norm not in NORMS:

@@ -181,7 +181,9 @@ def export_workdir(
     """Writes <workdir>/export/model.pt (state dict) and model.json (metadata); returns the latter.
 
     Parameters: the EMA ones (`params="ema"`) or the raw ones ("raw") of the best checkpoint if
-    present, else the last; BatchNorm statistics are always the live model's.
+    present, else the last; BatchNorm statistics are always the live model's. In a
+    multi-process run every process restores and only process 0 writes (the others return
+    without the metadata).
     """
     if params not in PARAM_CHOICES:
         raise ValueError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
@@ -206,6 +208,8 @@ def export_workdir(
         state_dict, strict=True
     )
     out_dir = export_dir(workdir)
+    if jax.process_index() != 0:  # every process restored (a collective); process 0 writes
+        return {"architecture": name, "written_by_process": 0}
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, MODEL_FILE)
     atomic_write(model_path, lambda p: torch.save(state_dict, p))
