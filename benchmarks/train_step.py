@@ -31,10 +31,8 @@ forward / backward), and the time of each aten op likewise. Both are to see wher
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import datetime
-import functools
 import glob
 import gzip
 import importlib.util
@@ -56,110 +54,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_jax import attacks, config_lib, data, losses, optim, train, trainer
+from score_jax import config_lib, data, optim, train, trainer
 from score_jax.models import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ("trades-se", "trades-kl", "pgd-at")
-DATE = "2026-11-25"
 
 
-# --- a benchmark-local convolution variant (measured here, not part of the library) ----------
-
-CONV_CHOICES = (*layers.CONV_IMPLS, "hybrid")
-
-
-def conv_weight_grad(x, g, kernel_shape, strides, padding):
-    """d(conv)/d(kernel) as kh * kw matrix products (patch^T @ g), one per kernel tap."""
-    kh, kw, cin, cout = kernel_shape
-    sh, sw = strides
-    if any(p for pair in padding for p in pair):
-        x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    b, ho, wo, _ = g.shape
-    g2 = g.reshape(-1, cout)
-    taps = [
-        lax.slice(
-            x, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin), (1, sh, sw, 1)
-        )
-        .reshape(-1, cin)
-        .T
-        @ g2
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.stack(taps).reshape(kernel_shape)
-
-
-_IM2COL = layers.conv_im2col  # the library's, kept: use_conv("hybrid") replaces the attribute
-
-
-def conv_input_grad(g, kernel, x_shape, strides, padding):
-    """d(conv)/d(x) given the output cotangent g. Stride 1: a forward convolution of g with the
-    flipped, in/out-swapped kernel (XLA's own transposed convolution misses the fast CPU path
-    inside while loops: 3-4x slower there); other strides: the im2col formulation's gradient."""
-    kh, kw = kernel.shape[:2]
-    pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),)
-    pads += ((kw - 1 - padding[1][0], kw - 1 - padding[1][1]),)
-    if tuple(strides) == (1, 1) and all(p >= 0 for pair in pads for p in pair):
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-        return layers.conv_xla(g, flipped, (1, 1), pads)
-    x = jnp.zeros(x_shape, g.dtype)
-    return jax.vjp(lambda v: _IM2COL(v, kernel, strides, padding), x)[1](g)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_hybrid(x, kernel, strides, padding):
-    return layers.conv_xla(x, kernel, strides, padding)
-
-
-def _conv_hybrid_fwd(x, kernel, strides, padding):
-    return layers.conv_xla(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv_hybrid_bwd(strides, padding, residuals, g):
-    x, kernel = residuals
-    dx = conv_input_grad(g, kernel, x.shape, strides, padding)
-    dw = conv_weight_grad(x, g, kernel.shape, strides, padding)
-    return dx.astype(x.dtype), dw.astype(kernel.dtype)
-
-
-_conv_hybrid.defvjp(_conv_hybrid_fwd, _conv_hybrid_bwd)
-
-
-def conv_hybrid(x, kernel, strides, padding):
-    """A CPU convolution for training: XLA's native convolution forward (fast on CPU), the input
-    gradient as a native forward convolution (stride 1) or im2col's (strided), the kernel
-    gradient as per-tap matrix products (XLA's native kernel gradient is ~6-25x slower on CPU).
-    Same signature and values as layers.conv_xla / conv_im2col."""
-    return _conv_hybrid(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
-
-
-def conv_label(choice: str) -> str:
-    return choice if choice == "hybrid" else layers.resolve_conv_impl(choice)
-
-
-@contextlib.contextmanager
-def conv_variant(choice: str):
-    """Within the block, `choice` (any of CONV_CHOICES) is in effect for models traced there;
-    yields the config's conv_impl. The library's function is restored on exit."""
-    saved = layers.conv_im2col
-    try:
-        yield use_conv(choice)
-    finally:
-        layers.conv_im2col = saved
-
-
-def use_conv(choice: str) -> str:
-    """The config's conv_impl for a --conv-impl choice; "hybrid" patches layers.conv_im2col in
-    this process (the library is unchanged on disk) and runs as "im2col"."""
-    if choice == "hybrid":
-        layers.conv_im2col = conv_hybrid
-        return "im2col"
-    return choice
+CONV_CHOICES = layers.CONV_IMPLS
 
 
 # --- shared helpers (benchmarks/eval.py uses them too) ---------------------------------------
@@ -430,97 +335,56 @@ def attack_iteration_flops(bench: Bench, lowered, state, batch, key) -> float:
 
 
 def jax_breakdown(bench: Bench, state, host_batch: dict, steps: int, warmup: int) -> dict:
-    """Median ms of the step's parts, each jitted alone on one device, as train.train_step has
-    them: forward (the attack's mode; and in eval mode, without batch statistics), one attack
-    iteration, loss value_and_grad, update + EMA."""
+    """Median ms of the step's parts, each jitted alone on one device from the library's own
+    pieces (`train.apply_train`, `adversarial_examples`, `make_loss_fn`, `update`): the
+    forward pass in train and eval mode, the whole attack, the loss's value and gradient, and
+    the optimizer + EMA update."""
     c, model = bench.config, bench.model
-    lc, ac = c.loss, c.attack
     state = jax.device_put(jax.device_get(state), bench.mesh.devices.flat[0])
     x = jnp.asarray(host_batch["image"], jnp.float32) / 255.0
     labels = jnp.asarray(host_batch["label"])
-
-    def apply_train(params, batch_stats, inputs):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            inputs,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return logits, updates["batch_stats"]
-
-    def logits_fn(st, inputs):
-        if lc.type == "trades":
-            return apply_train(st.params, st.batch_stats, inputs)[0]
-        return model.apply({"params": st.params, "batch_stats": st.batch_stats}, inputs, False)
-
-    def objective(st, x):
-        fn = lambda inputs: logits_fn(st, inputs)  # noqa: E731
-        if lc.type == "trades":
-            p_nat = jax.nn.softmax(fn(x).astype(jnp.float32))
-            return attacks.trades_objective(fn, p_nat, kind=lc.kind)
-        return attacks.label_objective(fn, labels, kind=lc.kind)
-
-    @jax.jit
-    def forward(st, x):
-        return logits_fn(st, x)
-
-    @jax.jit
-    def forward_eval(st, x):
-        return model.apply({"params": st.params, "batch_stats": st.batch_stats}, x, False)
-
-    @jax.jit
-    def iteration(st, x, delta):
-        obj = objective(st, x)
-        g = jax.grad(lambda d: jnp.sum(obj(x + d)))(delta)
-        delta = delta + ac.step_size * jnp.sign(g)
-        return attacks.project(delta, x, eps=ac.eps, norm="linf", x_min=0.0, x_max=1.0)
-
-    def loss_fn(params, st, x_adv):
-        if lc.type == "trades":
-            logits_nat, stats = apply_train(params, st.batch_stats, x)
-            logits_adv, stats = apply_train(params, stats, x_adv)
-            per_example = losses.trades_per_example(
-                logits_nat, logits_adv, labels, beta=lc.beta, kind=lc.kind
-            )
-            return jnp.mean(per_example), stats
-        logits_adv, stats = apply_train(params, st.batch_stats, x_adv)
-        return losses.pgd_at_loss(logits_adv, labels, kind=lc.kind), stats
+    keys = jax.random.split(jax.random.key(0), x.shape[0])
+    forward = jax.jit(lambda st, x: train.apply_train(model, st.params, st.batch_stats, x)[0])
+    forward_eval = jax.jit(
+        lambda st, x: model.apply({"params": st.params, "batch_stats": st.batch_stats}, x, False)
+    )
+    attack = jax.jit(lambda st, x: train.adversarial_examples(model, c, st, x, labels, keys))
 
     @jax.jit
     def loss_grad(st, x_adv):
-        return jax.value_and_grad(loss_fn, has_aux=True)(st.params, st, x_adv)
+        loss_fn = train.make_loss_fn(model, c, st.batch_stats, x, x_adv, labels)
+        return jax.value_and_grad(loss_fn, has_aux=True)(st.params)
 
     @jax.jit
-    def update_ema(st, grads):
-        new = st.apply_gradients(grads=grads)
-        ema = optim.ema_update(
-            st.ema_params, new.params, new.step, c.ema.decay, bench.ema_warmup_steps
-        )
-        return new.replace(ema_params=ema)
+    def update(st, grads):
+        return train.update(st, grads, st.batch_stats, c.ema.decay, bench.ema_warmup_steps)
 
-    delta = jnp.full_like(x, 0.001)
-    x_adv = x + delta
+    x_adv = attack(state, x)
     grads = jax.tree.map(jnp.zeros_like, state.params)
     parts = {
         "forward_ms": lambda: forward(state, x),
         "forward_eval_mode_ms": lambda: forward_eval(state, x),
-        "attack_iteration_ms": lambda: iteration(state, x, delta),
+        "attack_total_ms": lambda: attack(state, x),
         "loss_grad_ms": lambda: loss_grad(state, x_adv),
-        "update_ema_ms": lambda: update_ema(state, grads),
+        "update_ema_ms": lambda: update(state, grads),
     }
     out = {}
     for name, fn in parts.items():
-        times = time_calls(lambda fn=fn: jax.block_until_ready(fn()), steps, warmup)
+        # At least one untimed call: the first one compiles.
+        times = time_calls(lambda fn=fn: jax.block_until_ready(fn()), steps, max(warmup, 1))
         out[name] = 1e3 * statistics.median(times)
     return out
 
 
 def add_estimates(breakdown: dict, step_s: float, num_steps: int, trades: bool) -> dict:
-    """Attack total (clean forward for TRADES + num_steps iterations) and the rest of the step."""
+    """Completes the attack's numbers (total = clean forward for TRADES + num_steps iterations;
+    JAX measures the total, PyTorch one iteration) and the rest of the step."""
     b = dict(breakdown)
-    b["attack_total_ms"] = (b["forward_ms"] if trades else 0.0) + num_steps * b[
-        "attack_iteration_ms"
-    ]
+    clean = b["forward_ms"] if trades else 0.0
+    if "attack_total_ms" in b:
+        b["attack_iteration_ms"] = (b["attack_total_ms"] - clean) / max(num_steps, 1)
+    else:
+        b["attack_total_ms"] = clean + num_steps * b["attack_iteration_ms"]
     b["step_ms"] = 1e3 * step_s
     b["other_ms"] = b["step_ms"] - b["attack_total_ms"] - b["loss_grad_ms"] - b["update_ema_ms"]
     return b
@@ -732,20 +596,19 @@ def run_paired(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {}
     bench = None
     for v in variants:
-        with conv_variant(v) as impl:
-            config = make_config(
-                args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=impl,
-                attack_steps=args.attack_steps,
-            )  # fmt: skip
-            bench = Bench.build(config, dataset, args.devices)
-            state = bench.initial_state()
-            batch = train.shard_batch(bench.batcher.batch(0), bench.mesh)
-            key = bench.device_key()
-            t0 = time.perf_counter()
-            compiled = bench.step_fn().lower(state, batch, key).compile()
-            out[v] = {"compile_s": time.perf_counter() - t0, "step_s_all": []}
-            if not runners:
-                initial = jax.device_get(state)
+        config = make_config(
+            args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=v,
+            attack_steps=args.attack_steps,
+        )  # fmt: skip
+        bench = Bench.build(config, dataset, args.devices)
+        state = bench.initial_state()
+        batch = train.shard_batch(bench.batcher.batch(0), bench.mesh)
+        key = bench.device_key()
+        t0 = time.perf_counter()
+        compiled = bench.step_fn().lower(state, batch, key).compile()
+        out[v] = {"compile_s": time.perf_counter() - t0, "step_s_all": []}
+        if not runners:
+            initial = jax.device_get(state)
         holder = {"state": state}
 
         def one(compiled=compiled, holder=holder, batch=batch, key=key):
@@ -780,7 +643,7 @@ def run_paired(args: argparse.Namespace) -> dict:
         d["images_per_s"] = args.batch / d["step_s_median"]
     result: dict[str, Any] = {
         "benchmark": "train_step_paired",
-        "date": DATE,
+        "date": datetime.date.today().isoformat(),
         "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "args": vars(args),
@@ -823,7 +686,7 @@ def run(args: argparse.Namespace) -> dict:
         args.batch,
         args.loss,
         dtype=args.dtype,
-        conv_impl=use_conv(args.conv_impl),
+        conv_impl=args.conv_impl,
         attack_steps=args.attack_steps,
     )
     dataset = synthetic_dataset(args.image_size, max(4 * args.batch, 256))
@@ -833,7 +696,7 @@ def run(args: argparse.Namespace) -> dict:
     batch = train.shard_batch(host_batch, bench.mesh)
     result: dict[str, Any] = {
         "benchmark": "train_step",
-        "date": DATE,
+        "date": datetime.date.today().isoformat(),
         "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "args": vars(args),
@@ -852,7 +715,7 @@ def run(args: argparse.Namespace) -> dict:
         torch_state = None if args.no_torch else jax.device_get(state)
         j = run_jax_train(bench, state, batch, args.steps, args.warmup, args.profile)
         state = j.pop("_state")
-        j["conv_impl"] = conv_label(args.conv_impl)
+        j["conv_impl"] = layers.resolve_conv_impl(args.conv_impl)
         j["flop_per_s"] = j["flops_per_step"] / j["step_s_median"]
         if args.peak_flops > 0:  # model FLOPs utilisation against the chip's peak
             j["mfu"] = j["flop_per_s"] / args.peak_flops
@@ -888,8 +751,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--conv-impl",
         default="auto",
         choices=CONV_CHOICES,
-        help="hybrid: the benchmark-local conv_hybrid (native forward / input grad, per-tap "
-        "matmul kernel grad)",
+        help="the models' convolution (config.model.conv_impl; auto: im2col on CPU)",
     )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps in training")
@@ -899,7 +761,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paired",
         default="",
-        help="comma list of conv variants (e.g. im2col,hybrid): time them and PyTorch in turn, "
+        help="comma list of conv variants (e.g. im2col,xla): time them and PyTorch in turn, "
         "one step each per round, PyTorch in this process (ignores --conv-impl, --breakdown, "
         "--profile)",
     )

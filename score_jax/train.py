@@ -73,36 +73,28 @@ def create_train_state(
     return init(jax.random.key(seed, impl="rbg"))
 
 
-def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    key: jax.Array,
-    *,
+def apply_train(model: nn.Module, params, batch_stats, inputs) -> tuple[jax.Array, Any]:
+    """Logits with batch statistics, and the updated running averages."""
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, inputs, train=True, mutable=["batch_stats"]
+    )
+    return logits, updates["batch_stats"]
+
+
+def adversarial_examples(
     model: nn.Module,
     config: ml_collections.ConfigDict,
-    learning_rate_fn: optax.Schedule,
-    ema_warmup_steps: int,
-    sync_batch_stats: bool,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One step on this device's part of the batch: augment, attack, loss, update, EMA.
+    state: TrainState,
+    x: jax.Array,
+    labels: jax.Array,
+    keys: jax.Array,
+) -> jax.Array:
+    """config.attack's PGD on the training objective, with per-example keys.
 
-    TRADES: the attack maximises D(p || softmax f(x')) with batch statistics and without updating
-    the running averages; the loss's clean and adversarial passes update them (in that order).
-    PGD-AT: the attack maximises D(y~ || softmax f(x')) with running averages (eval mode).
-    A non-finite loss or gradient leaves the state unchanged (metrics["finite"] = 0).
+    TRADES: maximises D(p || softmax f(x')), p = softmax f(x), with batch statistics and without
+    updating the running averages. PGD-AT: maximises D(y~ || softmax f(x')) in eval mode.
     """
     lc, ac = config.loss, config.attack
-    keys = example_keys(key, state.step, batch["pos"])
-    aug_keys, attack_keys = (
-        jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i) for i in (1, 2)
-    )
-    x = batch["image"].astype(jnp.float32) / 255.0
-    x = data.augment(
-        x, aug_keys, crop_padding=config.augment.crop_padding, flip=config.augment.flip
-    )
-    labels = batch["label"]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    clip_c = lc.get("clip_c")
     pgd = functools.partial(
         attacks.pgd,
         eps=ac.eps,
@@ -111,27 +103,46 @@ def train_step(
         norm=ac.norm,
         init=ac.init,
     )
-
-    def apply_train(params, batch_stats, inputs):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            inputs,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return logits, updates["batch_stats"]
-
     if lc.type == "trades":
 
-        def attack_logits(inputs):  # batch statistics; the running averages are left untouched
-            return apply_train(state.params, state.batch_stats, inputs)[0]
+        def attack_logits(inputs):
+            return apply_train(model, state.params, state.batch_stats, inputs)[0]
 
         p_nat = jax.nn.softmax(attack_logits(x).astype(jnp.float32))
-        x_adv = pgd(attacks.trades_objective(attack_logits, p_nat, kind=lc.kind), x, attack_keys)
+        return pgd(attacks.trades_objective(attack_logits, p_nat, kind=lc.kind), x, keys)
+    if lc.type == "pgd_at":
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        objective = attacks.label_objective(
+            lambda inputs: model.apply(variables, inputs, train=False),
+            labels,
+            kind=lc.kind,
+            label_smoothing=lc.label_smoothing,
+        )
+        return pgd(objective, x, keys)
+    raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
+
+
+def make_loss_fn(
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    batch_stats: Any,
+    x: jax.Array,
+    x_adv: jax.Array,
+    labels: jax.Array,
+):
+    """params -> (loss, (new batch_stats, aux metrics)) of config.loss on this batch.
+
+    TRADES: mean of CE(f(x), y) + beta D(softmax f(x) || softmax f(x')) (clipped if clip_c), the
+    clean then the adversarial pass updating the running averages. PGD-AT: mean of
+    D(y~ || softmax f(x')) (clipped if clip_c).
+    """
+    lc = config.loss
+    clip_c = lc.get("clip_c")
+    if lc.type == "trades":
 
         def loss_fn(params):
-            logits_nat, stats = apply_train(params, state.batch_stats, x)
-            logits_adv, stats = apply_train(params, stats, x_adv)
+            logits_nat, stats = apply_train(model, params, batch_stats, x)
+            logits_adv, stats = apply_train(model, params, stats, x_adv)
             per_example = losses.trades_per_example(
                 logits_nat,
                 logits_adv,
@@ -153,31 +164,59 @@ def train_step(
             }
             return jnp.mean(per_example), (stats, aux)
 
-    elif lc.type == "pgd_at":
-
-        def eval_logits(inputs):
-            return model.apply(variables, inputs, train=False)
-
-        objective = attacks.label_objective(
-            eval_logits, labels, kind=lc.kind, label_smoothing=lc.label_smoothing
-        )
-        x_adv = pgd(objective, x, attack_keys)
+        return loss_fn
+    if lc.type == "pgd_at":
 
         def loss_fn(params):
-            logits_adv, stats = apply_train(params, state.batch_stats, x_adv)
+            logits_adv, stats = apply_train(model, params, batch_stats, x_adv)
             loss = losses.pgd_at_loss(
-                logits_adv,
-                labels,
-                kind=lc.kind,
-                clip_c=clip_c,
-                label_smoothing=lc.label_smoothing,
+                logits_adv, labels, kind=lc.kind, clip_c=clip_c, label_smoothing=lc.label_smoothing
             )
-            aux = {"adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels))}
-            return loss, (stats, aux)
+            return loss, (stats, {"adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels))})
 
-    else:
-        raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
+        return loss_fn
+    raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
 
+
+def update(
+    state: TrainState, grads: Any, batch_stats: Any, ema_decay: float, ema_warmup_steps: int
+) -> TrainState:
+    """The optimizer step, the new running averages, and the EMA of the new parameters."""
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    ema = optim.ema_update(
+        state.ema_params, new_state.params, new_state.step, ema_decay, ema_warmup_steps
+    )
+    return new_state.replace(ema_params=ema)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    learning_rate_fn: optax.Schedule,
+    ema_warmup_steps: int,
+    sync_batch_stats: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step on this device's part of the batch: augment, attack, loss, update, EMA.
+
+    The attack and the loss are `adversarial_examples` and `make_loss_fn`; gradients and metrics
+    are averaged over devices. A non-finite loss or gradient leaves the state unchanged
+    (metrics["finite"] = 0).
+    """
+    keys = example_keys(key, state.step, batch["pos"])
+    aug_keys, attack_keys = (
+        jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i) for i in (1, 2)
+    )
+    x = batch["image"].astype(jnp.float32) / 255.0
+    x = data.augment(
+        x, aug_keys, crop_padding=config.augment.crop_padding, flip=config.augment.flip
+    )
+    labels = batch["label"]
+    x_adv = adversarial_examples(model, config, state, x, labels, attack_keys)
+    loss_fn = make_loss_fn(model, config, state.batch_stats, x, x_adv, labels)
     (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
     if not sync_batch_stats:  # per-device statistics (the reference's DataParallel): average them
@@ -187,13 +226,7 @@ def train_step(
     metrics["learning_rate"] = learning_rate_fn(state.step)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite.astype(jnp.float32)
-
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    new_state = new_state.replace(
-        ema_params=optim.ema_update(
-            state.ema_params, new_state.params, new_state.step, config.ema.decay, ema_warmup_steps
-        )
-    )
+    new_state = update(state, grads, batch_stats, config.ema.decay, ema_warmup_steps)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
 
