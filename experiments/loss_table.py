@@ -258,6 +258,7 @@ def run(
     table1_seeds: int | None = None,
     rows: Sequence[str] | None = None,
     aa_examples: int | None = None,
+    epochs: int | None = None,
     torch_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Trains and evaluates every (row, seed); writes out/loss_table.md and out/results.json.
@@ -267,6 +268,8 @@ def run(
     budget = QUICK if quick else FULL
     if aa_examples:
         budget = dataclasses.replace(budget, aa_examples=aa_examples)
+    if epochs:
+        budget = dataclasses.replace(budget, num_epochs=epochs, num_train_steps=-1)
     seeds = seeds or (1 if quick else 3)
     names = list(rows or (QUICK_ROWS if quick else DEFAULT_ROWS))
     unknown = [n for n in names if n not in ROWS]
@@ -331,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--table1_seeds", type=int, default=None, help="seeds of Table 1 rows")
     p.add_argument("--rows", default="", help=f"comma-separated subset of: {', '.join(ROWS)}")
     p.add_argument("--aa_examples", type=int, default=None, help="test examples evaluated")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 20)")
     p.add_argument("--torch_threads", type=int, default=1, help="PyTorch threads in AutoAttack")
     p.add_argument(
         "--jax_cache",
@@ -354,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         table1_seeds=args.table1_seeds,
         rows=rows,
         aa_examples=args.aa_examples,
+        epochs=args.epochs,
         torch_threads=args.torch_threads,
     )
     with open(os.path.join(args.out, "loss_table.md")) as f:
