@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from benchmarks import conv, torch_reference, train_step  # noqa: E402
 from benchmarks import eval as eval_bench  # noqa: E402
-from benchmarks import torch_reference, train_step  # noqa: E402
 
 TINY = ["--model", "small-cnn", "--batch", "8", "--image-size", "8", "--conv-impl", "xla"]
 TINY += ["--steps", "2", "--warmup", "0", "--devices", "1"]
@@ -88,3 +88,13 @@ def test_torch_reference(tmp_path, mode):
     if mode == "train":
         parts = ("forward_ms", "attack_iteration_ms", "loss_grad_ms", "update_ema_ms")
         assert_positive(result["breakdown"], parts, "breakdown")
+
+
+def test_conv_benchmark(tmp_path):
+    out = tmp_path / "conv.json"
+    conv.main(["--batch", "2", "--size", "6", "--channels", "3", "--steps", "1", "--loop", "2"]
+              + ["--json", str(out)])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert set(saved["impls"]) == {"xla", "im2col", "torch"}
+    for name, times in saved["impls"].items():
+        assert_positive(times, ("fwd_ms", "fwd_bwd_ms", "fwd_xgrad_ms"), name)
