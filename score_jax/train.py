@@ -132,9 +132,9 @@ def make_loss_fn(
 ):
     """params -> (loss, (new batch_stats, aux metrics)) of config.loss on this batch.
 
-    TRADES: mean of CE(f(x), y) + beta D(softmax f(x) || softmax f(x')) (clipped if clip_c), the
-    clean then the adversarial pass updating the running averages. PGD-AT: mean of
-    D(y~ || softmax f(x')) (clipped if clip_c).
+    TRADES: mean of D(y~ || p) + beta D(p || p'), p = softmax f(x), p' = softmax f(x') (clipped
+    if clip_c; D = KL gives cross-entropy for the first term), the clean then the adversarial
+    pass updating the running averages. PGD-AT: mean of D(y~ || p') (clipped if clip_c).
     """
     lc = config.loss
     clip_c = lc.get("clip_c")
