@@ -16,26 +16,21 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_calls
 from score_jax.models import layers
 
 PAD = ((1, 1), (1, 1))
 
 
 def median_ms(fn: Callable[[], object], steps: int) -> float:
-    fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    """Median ms of `steps` calls of fn (which must block), after one untimed call."""
+    return 1e3 * statistics.median(time_calls(fn, steps, 1))
 
 
 def jax_times(impl: str, x: np.ndarray, w: np.ndarray, steps: int, loop: int) -> dict:

@@ -41,7 +41,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks.timing import loadavg, peak_rss_mb, time_calls
 from score_jax import config_lib, data, optim, train, trainer
 from score_jax.models import layers
 
@@ -68,24 +68,6 @@ CONV_CHOICES = layers.CONV_IMPLS
 
 
 # --- shared helpers (benchmarks/eval.py uses them too) ---------------------------------------
-
-
-def loadavg() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MiB: VmHWM of /proc/self/status (reset by exec, so
-    a subprocess reports its own peak), else getrusage's ru_maxrss (KiB on Linux; a child
-    inherits its parent's value across fork + exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cpu_model() -> str:
@@ -109,23 +91,6 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-
-
-def time_calls(
-    fn: Callable[[], object], steps: int, warmup: int, cpu: list[float] | None = None
-) -> list[float]:
-    """Wall seconds of each of `steps` calls of fn (which must block), after `warmup` calls;
-    appends each call's CPU seconds (all threads of this process) to `cpu` if given."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if cpu is not None:
-            cpu.append(time.process_time() - c0)
-    return times
 
 
 def flops_of(cost: Any) -> float:

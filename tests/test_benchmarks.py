@@ -98,3 +98,14 @@ def test_conv_benchmark(tmp_path):
     assert set(saved["impls"]) == {"xla", "im2col", "torch"}
     for name, times in saved["impls"].items():
         assert_positive(times, ("fwd_ms", "fwd_bwd_ms", "fwd_xgrad_ms"), name)
+
+
+def test_paired_train_step_benchmark(tmp_path):
+    out = tmp_path / "paired.json"
+    train_step.main([*TINY, "--attack-steps", "2", "--paired", "xla", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "train_step_paired" and len(saved["rounds"]) == 2
+    assert set(saved["variants"]) == {"xla", "torch"}
+    for name, v in saved["variants"].items():
+        assert len(v["step_s_all"]) == 2 and v["images_per_s"] > 0, name
+    assert_positive(saved["ratio_jax_over_torch"], ("xla",), "ratio")
