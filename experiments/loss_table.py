@@ -15,8 +15,9 @@ PGD-20 (CE) and AutoAttack version "custom" with APGD-CE (5 restarts x 100 steps
     python experiments/loss_table.py --out /tmp/loss_table              # 12 rows x 3 seeds
     python experiments/loss_table.py --out /tmp/loss_table_quick --quick # 2 rows, 1 seed, tiny
 
-Writes DIR/loss_table.md and DIR/results.json; the runs live in DIR/runs/<row>-s<seed> and a run
-whose recorded settings match is reused (delete DIR/runs to start over).
+Writes DIR/loss_table.md, DIR/loss_table.png and DIR/results.json; the runs live in
+DIR/runs/<row>-s<seed> and a run whose recorded settings match is reused (delete DIR/runs to
+start over).
 """
 
 from __future__ import annotations
@@ -228,6 +229,39 @@ def summarise(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(v.mean()), "std": std, "values": [float(x) for x in v]}
 
 
+def row_label(r: dict[str, Any]) -> str:
+    method = "PGD-AT" if r["type"] == "pgd_at" else "TRADES"
+    clip = f" c={r['clip_c']}" if r["clip_c"] is not None else ""
+    return f"{method}-{r['kind'].upper()}{clip}"
+
+
+def plot(path: str, rows: dict[str, dict[str, Any]], title: str) -> None:
+    """Grouped bars: clean, PGD-20 and AutoAttack accuracy per row, mean with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    x = np.arange(len(names))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.2))
+    labels = ("clean", "PGD-20", "AutoAttack")
+    for i, (metric, label) in enumerate(zip(METRICS, labels, strict=True)):
+        means = [100 * rows[n][metric]["mean"] for n in names]
+        stds = [100 * rows[n][metric]["std"] for n in names]
+        ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=2, label=label)
+    ax.set_xticks(x, [row_label(rows[n]) for n in names], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 112)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right", ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(rows: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
     """The table (accuracies in %, mean +- std over seeds) with a line on the settings."""
     lines = [
@@ -321,6 +355,8 @@ def run(
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "loss_table.md"), "w") as f:
         f.write(markdown(table, settings))
+    title = f"Digits, small CNN, {training}; mean ± std over {seeds} seeds"
+    plot(os.path.join(out, "loss_table.png"), table, title)
     results = {"settings": settings, "rows": table, "seconds": round(time.perf_counter() - start)}
     common.write_json(os.path.join(out, "results.json"), results)
     return results

@@ -61,6 +61,7 @@ def test_loss_table_quick(quick_table):
     with open(os.path.join(out, "loss_table.md")) as f:
         table = f.read()
     assert table.count("| 2 | ") == 2 and "PGD-AT" in table and "TRADES" in table
+    assert os.path.getsize(os.path.join(out, "loss_table.png")) > 0
     # A second call reuses the finished runs (same settings) instead of training again.
     again = loss_table.run(out, quick=True)
     assert again["rows"] == rows and again["seconds"] < 10
