@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import glob
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -102,10 +101,7 @@ def flops_of(cost: Any) -> float:
 
 def load_config(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
     path = os.path.join(REPO, "configs", name + ".py")
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
+    return config_lib.load_config_file(path, variant)
 
 
 def make_config(

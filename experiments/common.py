@@ -56,10 +56,7 @@ def load_workdir(
     setup = trainer.Setup(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
-        use_best = which == "auto" and ckpt.latest_step(best=True) is not None
-        if not use_best and ckpt.latest_step() is None:
-            raise ValueError(f"workdir {workdir!r} holds no checkpoint")
-        state, _ = ckpt.restore(setup.initial_state(), best=use_best)
+        state, _, use_best = ckpt.restore_final(setup.initial_state(), prefer_best=which == "auto")
     finally:
         ckpt.close()
     chosen = state.ema_params if params == "ema" else state.params

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from score_jax import trainer
+from score_jax import config_lib, trainer
 
 try:
     from experiments import common
@@ -130,10 +129,7 @@ QUICK = Budget(
 
 def digits_config() -> ml_collections.ConfigDict:
     """configs/digits.py's get_config()."""
-    spec = importlib.util.spec_from_file_location("digits_config", DIGITS_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(DIGITS_CONFIG)
 
 
 def make_config(row: Row, seed: int, budget: Budget) -> ml_collections.ConfigDict:

@@ -121,6 +121,17 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_final(
+        self, template: Any, prefer_best: bool = True
+    ) -> tuple[Any, dict[str, Any], bool]:
+        """(state, meta, from_best) of the best checkpoint if there is one and `prefer_best`,
+        else of the newest; ValueError if there is neither. What evaluation and export use."""
+        use_best = prefer_best and self.latest_step(best=True) is not None
+        if not use_best and self.latest_step() is None:
+            raise ValueError(f"{os.path.dirname(str(self.last.directory))!r} holds no checkpoint")
+        state, meta = self.restore(template, best=use_best)
+        return state, meta, use_best
+
     def wait(self) -> None:
         self.last.wait_until_finished()
         self.best.wait_until_finished()

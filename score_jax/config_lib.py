@@ -4,6 +4,9 @@ Configs are data: each `configs/<name>.py` defines `get_config()` returning this
 the paper's values filled in. Every field is overridable as `--config.a.b=value`.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -134,6 +137,16 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.eval_every_epochs = 5
     c.checkpoint_every_steps = 2000
     return c
+
+
+def load_config_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config()` (or `get_config(variant)`) of the Python config file at `path`, as
+    `--config path[:variant]` would load it."""
+    name = "config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if variant is None else module.get_config(variant)
 
 
 def eval_attack(config: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:

@@ -360,10 +360,7 @@ def evaluate_workdir(
     setup = setup or Setup(config, workdir)
     own = ckpt is None
     ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    use_best = ckpt.latest_step(best=True) is not None
-    if not use_best and ckpt.latest_step() is None:
-        raise ValueError(f"workdir {workdir!r} holds no checkpoint to evaluate")
-    state, meta = ckpt.restore(setup.initial_state(), best=use_best)
+    state, _, use_best = ckpt.restore_final(setup.initial_state())
     test_fn = setup.eval_fn("test")
     attack = config_lib.eval_attack(config, "test")
     rows = {

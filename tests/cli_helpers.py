@@ -1,8 +1,9 @@
 """Shared helpers for the tests that run `python -m score_jax.main` as a user would."""
 
 import ast
-import importlib.util
 import os
+
+from score_jax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
@@ -22,10 +23,7 @@ OVERRIDES = [
 
 def digits_tiny_config():
     """configs/digits.py with OVERRIDES applied as the command line does."""
-    spec = importlib.util.spec_from_file_location("digits", os.path.join(REPO, "configs/digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load_config_file(os.path.join(REPO, "configs/digits.py"))
     for item in OVERRIDES:
         key, value = item.removeprefix("--config.").split("=")
         *path, last = key.split(".")

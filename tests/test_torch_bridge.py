@@ -1,7 +1,6 @@
 """The PyTorch bridge: Flax -> PyTorch parity of every architecture, RobustBench WRN names,
 --mode export / autoattack end to end, bad exports, and torch staying optional."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -175,12 +174,9 @@ E2E_OVERRIDES = {
 
 
 def test_autoattack_end_to_end_and_bad_exports(tmp_path):
-    from score_jax import trainer
+    from score_jax import config_lib, trainer
 
-    spec = importlib.util.spec_from_file_location("digits", os.path.join(REPO, "configs/digits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load_config_file(os.path.join(REPO, "configs/digits.py"))
     workdir = tmp_path / "wd"
     for key, value in E2E_OVERRIDES.items():
         *path, last = key.split(".")

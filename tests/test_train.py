@@ -1,6 +1,5 @@
 """The train step, the loop, resume, configs and bad-input errors (tiny models, offline data)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,10 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, variant: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if variant is None else module.get_config(variant)
+    return config_lib.load_config_file(os.path.join(REPO, "configs", name + ".py"), variant)
 
 
 def tiny_config(loss_type: str = "trades", **overrides):

@@ -192,10 +192,7 @@ def export_workdir(
     setup = trainer.Setup(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
-        use_best = ckpt.latest_step(best=True) is not None
-        if not use_best and ckpt.latest_step() is None:
-            raise ValueError(f"workdir {workdir!r} holds no checkpoint to export")
-        state, _ = ckpt.restore(setup.initial_state(), best=use_best)
+        state, _, use_best = ckpt.restore_final(setup.initial_state())
     finally:
         ckpt.close()
     chosen = state.ema_params if params == "ema" else state.params
