@@ -11,7 +11,7 @@ memory), from a JSON spec they write:
 SPEC keys: mode ("train" | "eval"), model_name, num_classes, model_kwargs (build_torch_model's),
 state_dict (a torch.save'd state dict, or null for PyTorch's own init), batch (an .npz with
 `image` uint8 NHWC and `label`), steps, warmup, dtype ("float32" | "bfloat16"), threads (null:
-os.cpu_count()), device (null: "cpu"; "cuda" is untested), seed, breakdown, profile, attack
+os.cpu_count()), device (null: "cpu"; or "cuda"), seed, breakdown, profile, attack
 {eps, step_size, num_steps, init, norm[, objective]}; train mode also loss {type, kind, beta},
 optim {learning_rate, momentum, nesterov, weight_decay, weight_decay_batchnorm}, ema {decay,
 warmup_steps}, augment {crop_padding, flip}.
@@ -329,6 +329,9 @@ def run(spec: dict) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(int(spec.get("seed", 0)))
     device = torch.device(spec.get("device") or "cpu")
+    if device.type == "cuda":
+        # cuDNN's algorithm search for the fixed shapes, as GPU training scripts switch it on.
+        torch.backends.cudnn.benchmark = True
     model = build_torch_model(spec["model_name"], int(spec["num_classes"]), **spec["model_kwargs"])
     if spec.get("state_dict"):
         model.load_state_dict(torch.load(spec["state_dict"]), strict=True)
@@ -359,6 +362,8 @@ def run(spec: dict) -> dict:
     if spec.get("breakdown") and spec["mode"] == "train":
         result["breakdown"] = ref.breakdown(images, labels, int(spec["steps"]), 1)
     result["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        result["device_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 

@@ -86,10 +86,19 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+
+
+def device_peak_mb() -> float | None:
+    """Peak accelerator memory of this process, MiB (None where the backend keeps no stats,
+    as on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
 
 
 def flops_of(cost: Any) -> float:
@@ -524,16 +533,17 @@ def markdown_row(result: dict) -> str:
     a, j, t = result["args"], result["jax"], result.get("torch")
     torch_ips = f"{t['images_per_s']:.2f}" if t else "-"
     ratio = f"{result['ratio_jax_over_torch']:.2f}" if t else "-"
+    mfu = f"{100 * j['mfu']:.1f}%" if "mfu" in j else "-"
     header = (
         "| model | batch | loss | dtype | conv | JAX img/s | PyTorch img/s | JAX/PyTorch | "
-        "compile s | GFLOP/step | GFLOP/s | JAX peak RSS MB | load |"
+        "compile s | GFLOP/step | GFLOP/s | MFU | JAX peak RSS MB | load |"
     )
     sep = "|" + "---|" * (header.count("|") - 1)
     row = (
         f"| {a['model']} | {a['batch']} | {a['loss']} | {a['dtype']} | {j['conv_impl']} | "
         f"{j['images_per_s']:.2f} | {torch_ips} | {ratio} | {j['compile_s']:.1f} | "
         f"{j['flops_per_step'] / 1e9:.1f} | {j['flop_per_s'] / 1e9:.1f} | "
-        f"{j['peak_rss_mb']:.0f} | {'/'.join(f'{v:.1f}' for v in j['loadavg_before'])} |"
+        f"{mfu} | {j['peak_rss_mb']:.0f} | {'/'.join(f'{v:.1f}' for v in j['loadavg_before'])} |"
     )
     return "\n".join((header, sep, row))
 
@@ -685,10 +695,16 @@ def run(args: argparse.Namespace) -> dict:
             b = jax_breakdown(bench, state, host_batch, args.steps, args.warmup)
             j["breakdown"] = add_estimates(b, j["step_s_median"], config.attack.num_steps, trades)
         j["peak_rss_mb"] = peak_rss_mb()
+        j["device_peak_mb"] = device_peak_mb()
         result["jax"] = j
         result["torch"] = None
+        print(f"JAX: {j['images_per_s']:.2f} img/s, compile {j['compile_s']:.1f} s", flush=True)
         if not args.no_torch:
-            t = run_torch(spec, torch_state, host_batch, workdir)
+            try:
+                t = run_torch(spec, torch_state, host_batch, workdir)
+            except RuntimeError as e:  # keep the JAX measurement; main() reports the failure
+                result["torch_error"] = str(e)
+                return result
             if "breakdown" in t:
                 t["breakdown"] = add_estimates(
                     t["breakdown"], t["step_s_median"], config.attack.num_steps, trades
@@ -750,6 +766,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(args)
     write(result, args.json)
     print(markdown_row(result))
+    if "torch_error" in result:
+        sys.exit(
+            f"PyTorch reference failed (JAX results written to {args.json}):\n"
+            + result["torch_error"]
+        )
     if math.isfinite(result.get("ratio_jax_over_torch", math.nan)):
         print(f"JAX/PyTorch images/s: {result['ratio_jax_over_torch']:.2f}")
     return result
