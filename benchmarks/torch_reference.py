@@ -11,7 +11,8 @@ memory), from a JSON spec they write:
 SPEC keys: mode ("train" | "eval"), model_name, num_classes, model_kwargs (build_torch_model's),
 state_dict (a torch.save'd state dict, or null for PyTorch's own init), batch (an .npz with
 `image` uint8 NHWC and `label`), steps, warmup, dtype ("float32" | "bfloat16"), threads (null:
-os.cpu_count()), device (null: "cpu"; or "cuda"), seed, breakdown, profile, attack
+os.cpu_count()), device (null: "cpu"; or "cuda"), channels_last (NHWC memory layout; default
+false, the reference's NCHW), seed, breakdown, profile, attack
 {eps, step_size, num_steps, init, norm[, objective]}; train mode also loss {type, kind, beta},
 optim {learning_rate, momentum, nesterov, weight_decay, weight_decay_batchnorm}, ema {decay,
 warmup_steps}, augment {crop_padding, flip}.
@@ -335,11 +336,12 @@ def run(spec: dict) -> dict:
     model = build_torch_model(spec["model_name"], int(spec["num_classes"]), **spec["model_kwargs"])
     if spec.get("state_dict"):
         model.load_state_dict(torch.load(spec["state_dict"]), strict=True)
-    model.to(device)
+    layout = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    model.to(device, memory_format=layout)
     with np.load(spec["batch"]) as batch:
         images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
         labels = torch.from_numpy(batch["label"].astype(np.int64))
-    images, labels = images.to(device), labels.to(device)
+    images, labels = images.to(device).contiguous(memory_format=layout), labels.to(device)
     ref = Reference(model, spec)
     fn = ref.train_step if spec["mode"] == "train" else ref.eval_step
     load_before = loadavg()
@@ -348,6 +350,7 @@ def run(spec: dict) -> dict:
     median = statistics.median(times)
     result = {
         "framework": f"torch {torch.__version__} eager ({device.type})",
+        "channels_last": bool(spec.get("channels_last")),
         "threads": threads,
         "step_s_all": times,
         "step_s_median": median,

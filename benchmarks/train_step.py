@@ -16,10 +16,13 @@ apart; then the median of `--steps` steps, each ended by `block_until_ready`.
 The PyTorch step (benchmarks/torch_reference.py) runs in a subprocess, with the same initial
 weights (`export_state_dict`), batch, dtype and `torch.set_num_threads(os.cpu_count())`.
 
-FLOPs: XLA's `compiled.cost_analysis()` counts the body of a while loop once, whatever its trip
-count, so the attack's `fori_loop` is counted as one iteration. `flops_per_step` adds the other
-num_steps - 1 iterations (one iteration's FLOPs = the lowered step's cost with num_steps 1 minus
-with 0); `xla_flops_raw` is XLA's own number.
+FLOPs (`step_flops`): XLA's cost analysis of the step lowered for one CPU device, whatever the
+device it runs on (on GPU the compiled convolutions are cuDNN custom calls, which the analysis
+does not count). It counts the body of a while loop once, whatever its trip count, so
+`flops_per_step` adds the attack's other num_steps - 1 iterations (one iteration = the count
+minus that of the step lowered with num_steps 0). `xla_flops_raw` is the compiled program's own
+count on the device (loop body once; no cuDNN calls). `--peak-flops` gives the MFU:
+flops_per_step / step time / (peak x devices).
 
 `--breakdown` also times the step's parts in both frameworks (forward pass in train and eval
 mode, one attack iteration, loss forward + backward, optimizer + EMA update); `--profile` traces
@@ -263,7 +266,14 @@ def run_torch(spec: dict, state: train.TrainState | None, batch: dict, workdir: 
         return json.load(f)
 
 
-def torch_spec(bench: Bench, mode: str, steps: int, warmup: int, breakdown: bool) -> dict:
+def torch_spec(
+    bench: Bench,
+    mode: str,
+    steps: int,
+    warmup: int,
+    breakdown: bool,
+    channels_last: bool = False,
+) -> dict:
     c = bench.config
     attack = config_lib.eval_attack(c, "test") if mode == "eval" else c.attack
     spec = {
@@ -278,6 +288,7 @@ def torch_spec(bench: Bench, mode: str, steps: int, warmup: int, breakdown: bool
         "device": "cuda" if jax.default_backend() == "gpu" else "cpu",
         "seed": c.seed,
         "breakdown": breakdown,
+        "channels_last": channels_last,
         "attack": attack.to_dict(),
     }
     if mode == "train":
@@ -295,13 +306,37 @@ def torch_spec(bench: Bench, mode: str, steps: int, warmup: int, breakdown: bool
 # --- FLOPs and the breakdown -----------------------------------------------------------------
 
 
-def attack_iteration_flops(bench: Bench, lowered, state, batch, key) -> float:
-    """FLOPs of one attack iteration: the lowered step's count (which, like XLA's, has the loop
-    body once) minus that of the same step lowered with num_steps = 0."""
-    cfg = bench.config.copy_and_resolve_references()
-    cfg.attack.num_steps = 0
-    without = flops_of(bench.step_fn(cfg).lower(state, batch, key).cost_analysis())
-    return flops_of(lowered.cost_analysis()) - without
+def step_flops(bench: Bench, state, batch, key) -> tuple[float, float]:
+    """(FLOPs of one train step, of one attack iteration) for the whole global batch.
+
+    Counted by XLA's cost analysis on the step lowered for one CPU device, before backend
+    optimisation, whatever the device it runs on: the count is the program's, and on GPU the
+    compiled program's convolutions are cuDNN custom calls, which the analysis does not count.
+    The lowered count has the attack loop's body once; one iteration = that count minus the
+    count of the same step lowered with num_steps = 0, and the step = count + (num_steps - 1)
+    iterations."""
+    mesh = train.make_mesh(jax.devices("cpu")[:1])
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.AXIS))
+
+    def abstract(tree, sharding):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+        )
+
+    args = (abstract(state, replicated), abstract(batch, split), abstract(key, replicated))
+
+    def lowered_flops(num_steps: int) -> float:
+        cfg = bench.config.copy_and_resolve_references()
+        cfg.attack.num_steps = num_steps
+        step = train.compile_train_step(
+            bench.model, cfg, bench.schedule, bench.ema_warmup_steps, mesh
+        )
+        return flops_of(step.lower(*args).cost_analysis())
+
+    num_steps = bench.config.attack.num_steps
+    counted = lowered_flops(num_steps)
+    iteration = counted - lowered_flops(0) if num_steps else 0.0
+    return counted + max(num_steps - 1, 0) * iteration, iteration
 
 
 def jax_breakdown(bench: Bench, state, host_batch: dict, steps: int, warmup: int) -> dict:
@@ -488,7 +523,6 @@ def run_jax_train(
     bench: Bench, state, batch, steps: int, warmup: int, profile: bool = False
 ) -> dict:
     """Compiles (timed apart) and times the train step on the device-resident batch."""
-    num_steps = bench.config.attack.num_steps
     key = bench.device_key()
     fn = bench.step_fn()
     load_before = loadavg()
@@ -498,7 +532,7 @@ def run_jax_train(
     compiled = lowered.compile()
     t2 = time.perf_counter()
     raw = flops_of(compiled.cost_analysis())
-    iteration = attack_iteration_flops(bench, lowered, state, batch, key) if num_steps else 0.0
+    flops, iteration = step_flops(bench, state, batch, key)
     holder = {"state": state}
 
     def one():
@@ -521,7 +555,7 @@ def run_jax_train(
         "images_per_s": bench.config.batch_size / median,
         "xla_flops_raw": raw,
         "attack_iteration_flops": iteration,
-        "flops_per_step": raw + max(num_steps - 1, 0) * iteration,
+        "flops_per_step": flops,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         **extra,
@@ -680,7 +714,9 @@ def run(args: argparse.Namespace) -> dict:
         },
     }
     with tempfile.TemporaryDirectory() as workdir:
-        spec = torch_spec(bench, "train", args.steps, args.warmup, args.breakdown)
+        spec = torch_spec(
+            bench, "train", args.steps, args.warmup, args.breakdown, args.torch_channels_last
+        )
         spec["profile"] = args.profile
         # The initial weights go to the reference; the JAX steps donate `state`.
         torch_state = None if args.no_torch else jax.device_get(state)
@@ -689,7 +725,7 @@ def run(args: argparse.Namespace) -> dict:
         j["conv_impl"] = layers.resolve_conv_impl(args.conv_impl)
         j["flop_per_s"] = j["flops_per_step"] / j["step_s_median"]
         if args.peak_flops > 0:  # model FLOPs utilisation against the chip's peak
-            j["mfu"] = j["flop_per_s"] / args.peak_flops
+            j["mfu"] = j["flop_per_s"] / (args.peak_flops * bench.mesh.size)
         trades = config.loss.type == "trades"
         if args.breakdown:
             b = jax_breakdown(bench, state, host_batch, args.steps, args.warmup)
@@ -746,6 +782,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--peak-flops", type=float, default=0.0, help="the device's peak FLOP/s: adds jax.mfu"
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument(
+        "--torch-channels-last",
+        action="store_true",
+        help="PyTorch side in the channels_last (NHWC) layout instead of the reference's NCHW",
+    )
     parser.add_argument("--json", required=True, help="where to write the results")
     return parser.parse_args(argv)
 
