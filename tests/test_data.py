@@ -67,6 +67,15 @@ def test_digits_splits_partition_the_dataset(digits_dataset):
     assert together == rows(full, raw.target)
 
 
+def test_digits_read_without_sklearn_import_equals_load_digits(monkeypatch):
+    fast = digits._load_raw()  # sklearn's bundled CSV, read directly
+    monkeypatch.setattr(digits, "_bundled_csv", lambda: None)
+    slow = digits._load_raw()  # through sklearn.datasets.load_digits
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_digits_deterministic_and_stats(digits_dataset):
     again = digits.load()
     for name in ("train", "validation", "test"):

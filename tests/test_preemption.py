@@ -22,7 +22,9 @@ RUN = [f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3"]
 
 def _env(devices: int = 4) -> dict[str, str]:
     flags = f"--xla_force_host_platform_device_count={devices}"
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    # The repository on the path: tests/kill_during_save.py runs as a script, not with -m.
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=path)
 
 
 def _command(workdir, program: tuple[str, ...] = ("-m", "score_jax.main")) -> list[str]:
@@ -30,15 +32,26 @@ def _command(workdir, program: tuple[str, ...] = ("-m", "score_jax.main")) -> li
     return cmd + ["--workdir", str(workdir), *OVERRIDES, *RUN, "--config.log_every_steps=1"]
 
 
-def _start(workdir) -> subprocess.Popen:
-    return subprocess.Popen(
-        _command(workdir),
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@pytest.fixture
+def background():
+    """start(command, devices=4) -> Popen of the command; any still running when the test ends
+    (a failed assertion) is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(command: list[str], devices: int = 4) -> subprocess.Popen:
+        env, out = _env(devices), subprocess.PIPE
+        procs.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
+        )
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def _wait_for_steps(workdir, proc: subprocess.Popen, lines: int, timeout: float = 120) -> None:
@@ -74,10 +87,11 @@ def _train_lines(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    reference = background(_command(straight))  # the uninterrupted run, alongside
 
-    proc = _start(interrupted)
+    proc = background(_command(interrupted))
     _wait_for_steps(interrupted, proc, 4)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -88,18 +102,18 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path):
     ckpt.close()
     assert term_step is not None and 4 <= term_step < STEPS
 
-    proc = _start(interrupted)  # resumes, then dies without warning
+    proc = background(_command(interrupted))  # resumes, then dies without warning
     _wait_for_steps(interrupted, proc, term_step + 6)
     proc.kill()
     proc.wait()
 
-    proc = _start(interrupted)  # resumes from the newest complete checkpoint and finishes
+    # resumes from the newest complete checkpoint and finishes
+    proc = background(_command(interrupted))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-2000:]
 
-    proc = _start(straight)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-2000:]
 
     evaluation = subprocess.run(
         [*_command(straight), "--mode", "eval"],
@@ -120,10 +134,13 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_device(tmp_path):
+def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_device(
+    tmp_path, background
+):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     killer = ("tests/kill_during_save.py", "9")  # SIGKILL once step 9's save is under way
     run = functools.partial(subprocess.run, cwd=REPO, env=_env(1), capture_output=True, text=True)
+    reference = background(_command(straight), devices=1)  # the uninterrupted run, alongside
     killed = run(_command(interrupted, killer), timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpt = checkpoint.Checkpointer(str(interrupted))
@@ -135,8 +152,8 @@ def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_dev
     resumed = run(_command(interrupted), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stdout and "(step 6)" in resumed.stdout
-    done = run(_command(straight), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-2000:]
     (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
     assert step_a == step_b == STEPS
     chex.assert_trees_all_equal(a, b)
