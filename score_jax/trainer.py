@@ -276,10 +276,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             scalars = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
             scalars["train/epoch"] = (step + 1) / setup.steps_per_epoch
             writer.write(step + 1, scalars)
+            images_per_s = len(window) * config.batch_size / elapsed
             if progress is not None:
                 progress.set_postfix(
-                    loss=f"{scalars['train/loss']:.4f}",
-                    img_s=f"{len(window) * config.batch_size / elapsed:.0f}",
+                    loss=f"{scalars['train/loss']:.4f}", img_s=f"{images_per_s:.0f}"
+                )
+            elif is_main:
+                shown = ", ".join(
+                    f"{k.removeprefix('train/')} {v:.4g}" for k, v in sorted(scalars.items())
+                )
+                print(
+                    f"step {step + 1}/{num_steps}: {shown}, {images_per_s:.1f} images/s", flush=True
                 )
             window.clear()
             window_start = time.perf_counter()

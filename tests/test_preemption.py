@@ -114,6 +114,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background)
 
     out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, out[-2000:]
+    assert f"step {STEPS}/{STEPS}: adv_accuracy " in out and " images/s" in out  # progress lines
 
     evaluation = subprocess.run(
         [*_command(straight), "--mode", "eval"],
