@@ -28,6 +28,12 @@ setup(
         "torch": ["torch>=2.5", "pyautoattack>=0.2.0"],
         "digits": ["scikit-learn>=1.3"],
         "plots": ["matplotlib>=3.8"],
-        "test": ["pytest>=8.0", "scikit-learn>=1.3", "matplotlib>=3.8", "ruff>=0.6"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",  # -n 2: the suite on both cores
+            "scikit-learn>=1.3",
+            "matplotlib>=3.8",
+            "ruff>=0.6",
+        ],
     },
 )
