@@ -315,8 +315,11 @@ def step_flops(bench: Bench, state, batch, key) -> tuple[float, float]:
     compiled program's convolutions are cuDNN custom calls, which the analysis does not count.
     The lowered count has the attack loop's body once; one iteration = that count minus the
     count of the same step lowered with num_steps = 0, and the step = count + (num_steps - 1)
-    iterations."""
-    mesh = train.make_mesh(jax.devices("cpu")[:1])
+    iterations. NaN where the CPU backend is not loaded (JAX_PLATFORMS without "cpu")."""
+    try:
+        mesh = train.make_mesh(jax.devices("cpu")[:1])
+    except RuntimeError:
+        return math.nan, math.nan
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.AXIS))
 
     def abstract(tree, sharding):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import logging
+import os
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -74,6 +78,18 @@ def test_digits_read_without_sklearn_import_equals_load_digits(monkeypatch):
     for a, b in zip(fast, slow, strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+
+
+def test_digits_load_does_not_import_sklearn():
+    code = (
+        "import sys; from score_jax.data import digits; digits.load(); print(sorted(sys.modules))"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True
+    )
+    modules = ast.literal_eval(out.stdout.strip())
+    assert "numpy" in modules and "sklearn" not in modules
 
 
 def test_digits_deterministic_and_stats(digits_dataset):
