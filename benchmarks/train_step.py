@@ -218,9 +218,9 @@ class Bench:
         )
         return train.replicate(state, self.mesh)
 
-    def step_fn(self, config: ml_collections.ConfigDict | None = None):
+    def step_fn(self):
         return train.compile_train_step(
-            self.model, config or self.config, self.schedule, self.ema_warmup_steps, self.mesh
+            self.model, self.config, self.schedule, self.ema_warmup_steps, self.mesh
         )
 
     def device_key(self) -> jax.Array:

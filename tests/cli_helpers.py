@@ -24,14 +24,12 @@ OVERRIDES = [
 def digits_tiny_config():
     """configs/digits.py with OVERRIDES applied as the command line does."""
     config = config_lib.load_config_file(os.path.join(REPO, "configs/digits.py"))
+    overrides = {}
     for item in OVERRIDES:
         key, value = item.removeprefix("--config.").split("=")
-        *path, last = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
         try:
-            node[last] = ast.literal_eval(value)
+            overrides[key] = ast.literal_eval(value)
         except ValueError:
-            node[last] = value
+            overrides[key] = value
+    config.update_from_flattened_dict(overrides)
     return config

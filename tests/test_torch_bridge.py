@@ -178,12 +178,7 @@ def test_autoattack_end_to_end_and_bad_exports(tmp_path):
 
     config = config_lib.load_config_file(os.path.join(REPO, "configs/digits.py"))
     workdir = tmp_path / "wd"
-    for key, value in E2E_OVERRIDES.items():
-        *path, last = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config.update_from_flattened_dict(E2E_OVERRIDES)
     trainer.train_and_evaluate(config, str(workdir))  # in-process: one JAX start-up less
     args = ["--config", "configs/digits.py", "--workdir", str(workdir)]
     args += [f"--config.{k}={v}" for k, v in E2E_OVERRIDES.items()]

@@ -35,12 +35,7 @@ def tiny_config(loss_type: str = "trades", **overrides):
     c.progress_bar = False
     c.loss.type = loss_type
     c.attack.init = "normal" if loss_type == "trades" else "uniform"
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
