@@ -1,0 +1,186 @@
+"""Released PyTorch checkpoints (the reference's PreAct-ResNet-18 files, RobustBench-style WRN state
+dicts) load into the Flax models: same logits as the PyTorch model that wrote them, and a bad file
+is one line naming the offending key."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from score_jax import models  # noqa: E402
+from score_jax.errors import CheckpointError  # noqa: E402
+from score_jax.models.layers import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from score_jax.torch_bridge import build_torch_model  # noqa: E402
+from score_jax.torch_bridge.released import load_variables  # noqa: E402
+
+
+# A transcription of the reference's `without_DDPM/preactresnet.py` (ReLU, BatchNorm with
+# running statistics): the module names are what its checkpoints hold.
+class RefPreActBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+            )
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        return self.conv2(self.relu(self.bn2(out))) + shortcut
+
+
+class RefPreActResNet18(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.layer1 = self._make_layer(64, 1)
+        self.layer2 = self._make_layer(128, 2)
+        self.layer3 = self._make_layer(256, 2)
+        self.layer4 = self._make_layer(512, 2)
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+        self.relu = nn.ReLU()
+
+    def _make_layer(self, planes, stride):
+        layers = []
+        for s in (stride, 1):
+            layers.append(RefPreActBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):  # x already normalised, as the reference calls model(normalize(X))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        out = self.relu(self.bn(out))
+        out = F.avg_pool2d(out, out.shape[-1])  # the reference's avg_pool2d(out, 4) at 32x32
+        return self.linear(out.flatten(1))
+
+
+def randomise_batchnorm(model: nn.Module, seed: int) -> None:
+    """Non-trivial running statistics and affine parameters (fresh ones are 0 / 1)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+
+
+def template_of(flax_model, shape):
+    return jax.eval_shape(
+        lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
+    )
+
+
+def jax_logits(flax_model, variables, x_nhwc: np.ndarray) -> np.ndarray:
+    return np.asarray(flax_model.apply(variables, jnp.asarray(x_nhwc), train=False))
+
+
+@torch.no_grad()
+def test_reference_preact_checkpoint_gives_its_logits(tmp_path):
+    torch.manual_seed(0)
+    ref = RefPreActResNet18().eval()
+    randomise_batchnorm(ref, 1)
+    path = tmp_path / "model_best.pth"
+    # What train_cifar.py saves: a dict around the DataParallel state dict.
+    wrapped = nn.DataParallel(ref).state_dict()
+    torch.save({"state_dict": wrapped, "test_robust_acc_KL": 0.5, "test_acc": 0.8}, path)
+
+    shape = (8, 8, 3)
+    flax_model = models.get_model("preact-resnet-18", 10, conv_impl="xla")
+    variables = load_variables(str(path), "preact-resnet-18", template_of(flax_model, shape))
+    x = np.random.default_rng(0).uniform(0, 1, (4, *shape)).astype(np.float32)
+    mu = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+    sd = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    expected = ref((torch.from_numpy(x).permute(0, 3, 1, 2) - mu) / sd).numpy()
+    np.testing.assert_allclose(jax_logits(flax_model, variables, x), expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("wrapper", ["bare", "model_state_dict", "compiled"])
+@torch.no_grad()
+def test_wrn_state_dict_wrappers(tmp_path, wrapper):
+    torch.manual_seed(1)
+    twin = build_torch_model("wrn-16-2", 10).eval()  # RobustBench DMWideResNet's names
+    randomise_batchnorm(twin, 2)
+    state = twin.state_dict()
+    if wrapper == "model_state_dict":  # core/utils/train.py save_model, DataParallel inside
+        obj = {"model_state_dict": {f"module.{k}": v for k, v in state.items()}}
+    elif wrapper == "compiled":
+        obj = {f"_orig_mod.{k}": v for k, v in state.items()}
+    else:
+        obj = dict(state)
+    path = tmp_path / "w.pt"
+    torch.save(obj, path)
+    shape = (16, 16, 3)
+    flax_model = models.get_model("wrn-16-2", 10, conv_impl="xla")
+    variables = load_variables(str(path), "wrn-16-2", template_of(flax_model, shape))
+    x = np.random.default_rng(1).uniform(0, 1, (3, *shape)).astype(np.float32)
+    expected = twin(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(jax_logits(flax_model, variables, x), expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def wrn_state():
+    torch.manual_seed(2)
+    return build_torch_model("wrn-16-2", 10).state_dict()
+
+
+@pytest.fixture(scope="module")
+def wrn_template():
+    return template_of(models.get_model("wrn-16-2", 10, conv_impl="xla"), (16, 16, 3))
+
+
+def test_normalisation_buffers_are_checked(tmp_path, wrn_state, wrn_template):
+    good = dict(wrn_state, mean=torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1),
+                std=torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))  # fmt: skip
+    torch.save(good, tmp_path / "good.pt")
+    load_variables(str(tmp_path / "good.pt"), "wrn-16-2", wrn_template, CIFAR10_MEAN, CIFAR10_STD)
+    bad = dict(good, mean=torch.tensor([0.5, 0.5, 0.5]))
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt.*'mean'"):
+        load_variables(
+            str(tmp_path / "bad.pt"), "wrn-16-2", wrn_template, CIFAR10_MEAN, CIFAR10_STD
+        )
+
+
+def _save(tmp_path, name, obj):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_bad_files_name_file_and_key(tmp_path, wrn_state, wrn_template):
+    cases = {
+        "missing.pt": ({k: v for k, v in wrn_state.items() if k != "logits.weight"},
+                       "logits.weight"),
+        "extra.pt": (dict(wrn_state, **{"head.weight": torch.zeros(2)}), "head.weight"),
+        "shape.pt": (dict(wrn_state, **{"init_conv.weight": torch.zeros(16, 3, 5, 5)}),
+                     "init_conv.weight"),
+        "nodict.pt": ([torch.zeros(1)], "not a state dict"),
+        "nowrap.pt": ({"epoch": 3, "acc": 0.5}, "none of the keys"),
+    }  # fmt: skip
+    for name, (obj, expected) in cases.items():
+        path = _save(tmp_path, name, obj)
+        with pytest.raises(CheckpointError) as err:
+            load_variables(path, "wrn-16-2", wrn_template)
+        message = str(err.value)
+        assert name in message and expected in message and "\n" not in message, message
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"junk\.pt.*cannot be loaded"):
+        load_variables(str(tmp_path / "junk.pt"), "wrn-16-2", wrn_template)
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_variables(str(tmp_path / "absent.pt"), "wrn-16-2", wrn_template)
