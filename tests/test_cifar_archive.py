@@ -3,8 +3,8 @@
 The archives are built here in the layout the CIFAR page documents: per batch a pickled dict with
 bytes keys, b"data" uint8 N x 3072 (the 1024 red values of the image, then green, then blue, each
 32 x 32 plane row-major) and b"labels" (CIFAR-10) or b"fine_labels" + b"coarse_labels"
-(CIFAR-100). The expected arrays are the images the test encoded, so any mix-up of rows, columns,
-channels, batches or label keys fails.
+(CIFAR-100), pickled as Python 2's cPickle wrote the real files. The expected arrays are the
+images the test encoded, so any mix-up of rows, columns, channels, batches or label keys fails.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tarfile
@@ -40,9 +41,32 @@ def _encode(images: np.ndarray) -> np.ndarray:
     return rows
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the archives: protocol 2, every str and bytes a Python
+    2 str (BINSTRING, read back as bytes), numpy's functions under `numpy.core`."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_str(self, obj) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_str
+    dispatch[bytes] = _save_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
 def _dump(path, obj) -> None:
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the archives were written by Python 2's cPickle
+        _Py2Pickler(f, protocol=2).dump(obj)
 
 
 def _make(root, name: str, rng: np.random.Generator, tar: bool) -> tuple[str, dict]:

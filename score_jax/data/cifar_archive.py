@@ -171,9 +171,10 @@ def _read_members(path: str, folder: str, names: list[str], layout: Layout) -> d
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                if member.name in wanted and member.isfile():
+                name = os.path.normpath(member.name)  # "./cifar-10-batches-py/..." too
+                if name in wanted and member.isfile():
                     where = f"{path}:{member.name}"
-                    out[wanted[member.name]] = _read_batch(tar.extractfile(member), where, layout)
+                    out[wanted[name]] = _read_batch(tar.extractfile(member), where, layout)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: truncated or not a tar archive ({e})") from None
     missing = [m for m, n in wanted.items() if n not in out]
