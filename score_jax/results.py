@@ -3,11 +3,11 @@
 Prints one markdown table with a row per workdir: the config fields that differ between the runs
 (config.json), the final step, every number in results.json and autoattack.json (columns
 `results:<key>`, `autoattack:<key>`; nested dicts flattened to dotted keys, so any shape of those
-files works) and the wall time (`wall_s`: from
-the start of each training session's TensorBoard log to its last event, summed over resumed
-sessions). `--csv` writes the same table at full precision; `--plots` writes one PNG per group of
-metrics.jsonl keys (train loss, train accuracy, validation, test, learning rate, momentum, other),
-a panel per key and a line per run; it needs matplotlib (`pip install -e ".[plots]"`).
+files works) and the wall time (`wall_s`: from the start of each training session's TensorBoard
+log to its last event, summed over resumed sessions). `--csv` writes the same table at full
+precision; `--plots` writes one PNG per group of metrics.jsonl keys (train loss, train accuracy,
+validation, test, learning rate, momentum, other), a panel per key and a line per run; it needs
+matplotlib (`pip install -e ".[plots]"`).
 
 A workdir with a missing config.json or a corrupt file is skipped with a warning naming the file;
 no usable workdir at all is an error.
@@ -258,7 +258,11 @@ def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
         fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.5 * nrows), squeeze=False)
         for ax, key in zip(axes.flat, members, strict=False):
             for r in runs:
-                points = [(row["step"], row[key]) for row in r.metrics if _is_number(row.get(key))]
+                points = [
+                    (row["step"], row[key])
+                    for row in r.metrics
+                    if _is_number(row.get(key)) and _is_number(row.get("step"))
+                ]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, marker="." if len(xs) < 20 else None, label=r.workdir)
