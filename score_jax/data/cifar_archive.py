@@ -211,7 +211,8 @@ def read(name: str, path: str, order: str = "file") -> dict[str, tuple[np.ndarra
     """{"train": (images, labels), "test": ...} of the archive or extracted folder `path`.
 
     order "file": the files' order (data_batch_1..5, as torchvision reads them); "tfds": the
-    order TFDS's ArrayRecord files of the same data hold (`tfds_order`)."""
+    order TFDS's ArrayRecord files of the same data hold (`tfds_order`; TFDS builds from the
+    binary version, which the CIFAR page describes as the same batches in the same order)."""
     if order not in ORDERS:
         raise DataError(f"order {order!r}: valid {ORDERS}")
     layout = LAYOUTS[name]
