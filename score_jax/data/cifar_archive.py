@@ -212,7 +212,8 @@ def read(name: str, path: str, order: str = "file") -> dict[str, tuple[np.ndarra
 
     order "file": the files' order (data_batch_1..5, as torchvision reads them); "tfds": the
     order TFDS's ArrayRecord files of the same data hold (`tfds_order`; TFDS builds from the
-    binary version, which the CIFAR page describes as the same batches in the same order)."""
+    binary version, assumed to hold the images in the python version's order: not checked
+    against a real `tfds build` here)."""
     if order not in ORDERS:
         raise DataError(f"order {order!r}: valid {ORDERS}")
     layout = LAYOUTS[name]
