@@ -167,23 +167,30 @@ def test_orientation_of_a_drawn_image(tmp_path):
     np.testing.assert_array_equal(ds.validation.images[0], image)
 
 
-def test_tfds_order_is_the_tfds_writers(tmp_path):
-    """`tfds_order` against TFDS's own Shuffler (what `tfds build` orders the records with)."""
+def _shuffler_order(tmp_path, split: str, n: int) -> list[int]:
+    """The order TFDS's own Shuffler (what `tfds build` writes the records with) gives 0..n-1."""
     from tensorflow_datasets.core import shuffle
 
+    shuffler = shuffle.Shuffler(str(tmp_path), hash_salt=split)
+    for i in range(n):
+        shuffler.add(i, str(i).encode())  # the CIFAR builder's key is the file-order index
+    return [int(record) for _, record in shuffler]
+
+
+def test_tfds_order_is_the_tfds_writers(tmp_path):
     for split, n in (("train", 300), ("test", 50)):
-        shuffler = shuffle.Shuffler(str(tmp_path), hash_salt=split)
-        for i in range(n):
-            shuffler.add(i, str(i).encode())  # the CIFAR builder's key is the file-order index
-        expected = [int(record) for _, record in shuffler]
+        expected = _shuffler_order(tmp_path, split, n)
         np.testing.assert_array_equal(cifar_archive.tfds_order(split, n), expected)
 
     path, truth = _make(tmp_path / "a", "cifar10", np.random.default_rng(2), tar=True)
     ds = data.get_dataset(_config("cifar10", path, num_validation=4, order="tfds"))
-    train_x, train_y = _concat(truth, cifar_archive.LAYOUTS["cifar10"].train)
-    perm = cifar_archive.tfds_order("train", len(train_y))
+    layout = cifar_archive.LAYOUTS["cifar10"]
+    train_x, train_y = _concat(truth, layout.train)
+    test_x, _ = _concat(truth, layout.test)
+    perm = _shuffler_order(tmp_path, "train", len(train_y))
     np.testing.assert_array_equal(ds.validation.images, train_x[perm[:4]])
     np.testing.assert_array_equal(ds.train.labels, train_y[perm[4:]])
+    np.testing.assert_array_equal(ds.test.images, test_x[_shuffler_order(tmp_path, "test", TEST)])
 
 
 def _one_line(info) -> str:
