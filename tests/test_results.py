@@ -119,6 +119,12 @@ def test_table_cells_are_the_values_written(tmp_path, capsys):
     # Steps: results.json's, else the last logged step.
     assert (a["step"], b["step"], c["step"]) == ("300", "200", "70")
     # Every number of results.json / autoattack.json, whatever its nesting; others blank.
+    numbers = [f"results:attack.{k}" for k in ("eps", "num_steps")]
+    numbers += [f"results:test_ema.{k}" for k in ("adv_accuracy", "clean_accuracy", "num_examples")]
+    numbers += ["results:test_ema.pgd.accuracy", "results:test_ema.pgd_se.accuracy"]
+    numbers += [f"results:test_raw.{k}" for k in ("adv_accuracy", "clean_accuracy", "num_examples")]
+    numbers += ["autoattack:clean_accuracy", "autoattack:robust_accuracy"]
+    assert columns[columns.index("step") + 1 :] == numbers  # no wall_s: no TensorBoard here
     assert float(a["results:test_ema.adv_accuracy"]) == pytest.approx(0.5234, abs=5e-5)
     assert float(a["results:test_raw.clean_accuracy"]) == pytest.approx(0.8011, abs=5e-5)
     assert float(a["results:attack.eps"]) == pytest.approx(0.031372549, rel=1e-3)
