@@ -11,7 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from score_jax import attacks, losses, optim
-from score_jax.data import DATASET_NAMES
+from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
 
 CIFAR10_EPS = 8 / 255
 
@@ -36,8 +36,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
     c.progress_bar = True
 
+    # data_dir (CIFAR): cifar-10-python.tar.gz / cifar-100-python.tar.gz, the extracted folder,
+    # a directory holding either, or a TFDS data directory. validation_order: which order the
+    # first num_validation training images are held out in: "file" (the archive's, torchvision's,
+    # as the reference), "tfds" (TFDS's record order) or "auto" (file for archives, else tfds).
     c.dataset = ml_collections.ConfigDict(
-        dict(name="cifar10", data_dir="", num_validation=1024, ddpm_path="", real_fraction=1.0)
+        dict(
+            name="cifar10",
+            data_dir="",
+            num_validation=1024,
+            validation_order="auto",
+            ddpm_path="",
+            real_fraction=1.0,
+        )
     )
     c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True))
     c.model = ml_collections.ConfigDict(
@@ -234,6 +245,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         f"config.optim.learning_rate={config.optim.learning_rate} must be > 0",
     )
     _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must lie in [0, 1)")
+    _require(
+        config.dataset.validation_order in VALIDATION_ORDERS,
+        f"config.dataset.validation_order={config.dataset.validation_order!r}; valid: "
+        f"{VALIDATION_ORDERS}",
+    )
     _require(
         0.0 < config.dataset.real_fraction <= 1.0,
         f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",

@@ -1,4 +1,4 @@
-"""Datasets for SCORE training: digits (tests), CIFAR-10/100 (TFDS) and DDPM data (npz).
+"""Datasets for SCORE training: digits (tests), CIFAR-10/100 (archives or TFDS), DDPM data (npz).
 
 `get_dataset(config.dataset)` returns a `Dataset` of host numpy arrays; `TrainBatcher` turns
 it into per-process training batches (a pure function of seed and step), `eval_batches`
@@ -25,6 +25,7 @@ __all__ = [
     "Dataset",
     "Split",
     "TrainBatcher",
+    "VALIDATION_ORDERS",
     "augment",
     "check_real_fraction",
     "eval_batches",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
+# CIFAR: which order the first num_validation training images are taken in (cifar.load).
+VALIDATION_ORDERS = ("auto", "file", "tfds")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,6 +94,7 @@ def get_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
             name,
             data_dir=dataset_config.get("data_dir", "") or None,
             num_validation=int(dataset_config.get("num_validation", 0)),
+            validation_order=dataset_config.get("validation_order", "auto"),
         )
     if ddpm_path:
         from score_jax.data import ddpm

@@ -1,4 +1,5 @@
-"""CIFAR-10/100 from TFDS ArrayRecord files via `tfds.data_source` (no TensorFlow needed)."""
+"""CIFAR-10/100 from the python-version archives (`cifar_archive`) or from TFDS ArrayRecord files
+via `tfds.data_source` (neither needs TensorFlow)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from score_jax.data import Dataset, Split
+from score_jax.data import VALIDATION_ORDERS, Dataset, Split, cifar_archive
+from score_jax.errors import DataError
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -25,11 +27,14 @@ def _not_prepared(name: str, data_dir: str | None, err: Exception) -> FileNotFou
     import tensorflow_datasets as tfds
 
     shown = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+    layout = cifar_archive.LAYOUTS[name]
     return FileNotFoundError(
         f"TFDS dataset {name!r} is not prepared as ArrayRecord in data_dir {shown!r} "
-        f"({type(err).__name__}); on a machine with network run `tfds build {name} --data_dir "
-        f"{shown} --file_format array_record`, then copy that directory here "
-        "(config.dataset.data_dir)."
+        f"({type(err).__name__}) and that path holds no {layout.archive} or {layout.folder}/; "
+        f"set config.dataset.data_dir to {layout.archive} (https://www.cs.toronto.edu/~kriz/"
+        f"{layout.archive}) or its extracted folder, or build the TFDS files on a machine with "
+        "network: `pip install tensorflow-cpu apache-beam mlcroissant importlib_resources` and "
+        f"`tfds build {name} --data_dir {shown} --file_format array_record`."
     )
 
 
@@ -57,14 +62,45 @@ def read_split(source: Sequence[Any]) -> Split:
     return Split(images, labels)
 
 
-def load(name: str, data_dir: str | None = None, num_validation: int = 0) -> Dataset:
-    """Loads CIFAR-10/100; the FIRST `num_validation` training images become `validation`."""
-    if name not in NUM_CLASSES:
-        raise ValueError(f"Unknown CIFAR dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
-    data_dir = data_dir or None
+def _read_tfds(name: str, data_dir: str | None) -> tuple[Split, Split]:
     train_source = _open(name, "train", data_dir)
     test_source = _open(name, "test", data_dir)
-    full = read_split(train_source)
+    return read_split(train_source), read_split(test_source)
+
+
+def load(
+    name: str, data_dir: str | None = None, num_validation: int = 0, validation_order: str = "auto"
+) -> Dataset:
+    """Loads CIFAR-10/100; the FIRST `num_validation` training images become `validation`.
+
+    `data_dir`: the python-version archive, its extracted folder or a directory holding one of
+    them (`cifar_archive.find`), else a TFDS data directory. `validation_order`: "file" (the
+    archive's order, torchvision's and the reference's; archives only), "tfds" (the order of
+    TFDS's ArrayRecord files, also reproduced from an archive) or "auto" (file for an archive,
+    tfds for TFDS data).
+    """
+    if name not in NUM_CLASSES:
+        raise ValueError(f"Unknown CIFAR dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
+    if validation_order not in VALIDATION_ORDERS:
+        raise DataError(
+            f"config.dataset.validation_order={validation_order!r}; valid: {VALIDATION_ORDERS}"
+        )
+    data_dir = data_dir or None
+    archive = cifar_archive.find(name, data_dir)
+    if archive is not None:
+        order = "tfds" if validation_order == "tfds" else "file"
+        splits = cifar_archive.read(name, archive, order)
+        full, test = Split(*splits["train"]), Split(*splits["test"])
+    elif validation_order == "file":
+        layout = cifar_archive.LAYOUTS[name]
+        raise DataError(
+            "config.dataset.validation_order='file' (torchvision's file order, as the reference) "
+            f"needs the python-version data: set config.dataset.data_dir to {layout.archive} or "
+            f"its extracted {layout.folder}/ (data_dir={data_dir!r} holds neither), or set "
+            "validation_order='tfds' for the TFDS files' order"
+        )
+    else:
+        full, test = _read_tfds(name, data_dir)
     if not 0 <= num_validation < len(full):
         raise ValueError(
             f"config.dataset.num_validation={num_validation} must be in [0, {len(full)}) "
@@ -78,5 +114,5 @@ def load(name: str, data_dir: str | None = None, num_validation: int = 0) -> Dat
         std=STD[name],
         train=Split(full.images[num_validation:], full.labels[num_validation:]),
         validation=Split(full.images[:num_validation], full.labels[:num_validation]),
-        test=read_split(test_source),
+        test=test,
     )
