@@ -21,6 +21,7 @@ from score_jax import checkpoint, config_lib, data, evaluate, models, optim, tra
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset):
@@ -115,9 +116,6 @@ def _check_writable(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
-
-
-PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
 
 
 def _summary_table(rows: dict[str, dict[str, float]], names: list[str]) -> str:
@@ -440,7 +438,8 @@ def evaluate_workdir(
             json.dump(results, f, indent=2, sort_keys=True)
         _drop_test_lines(os.path.join(workdir, METRICS_FILE))
     own_writer = writer is None
-    writer = writer or MetricWriter(workdir)
+    if own_writer:
+        writer = MetricWriter(workdir)
     writer.write(
         last_step if last_step is not None else results["step"], _section_scalars("test", rows)
     )
