@@ -216,7 +216,7 @@ class Setup:
         self, section: str, state: train.TrainState, split: data.Split
     ) -> dict[str, dict[str, float]]:
         """`evaluate` of the EMA and of the raw parameters of `state`: {"ema": .., "raw": ..}.
-        The one evaluation path of training, --mode eval and the benchmarks."""
+        The one evaluation path of training (validation) and --mode eval (test)."""
         chosen = {"ema": state.ema_params, "raw": state.params}
         return {
             name: self.evaluate(
