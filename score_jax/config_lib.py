@@ -291,7 +291,7 @@ def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
                 _require(e.eps >= 0, f"{f}.eps={e.eps} must be >= 0")
                 _require(e.norm in attacks.NORMS, f"{f}.norm={e.norm!r}; valid: {attacks.NORMS}")
     names = (*evaluate.evaluator_specs(config.eval), evaluate.CLEAN)
-    select_by = config.eval.select_by
+    select_by = config.eval.get("select_by")  # None in a config.json written before evaluators
     _require(
         isinstance(select_by, tuple | list) and len(select_by) > 0,
         f"config.eval.select_by={select_by!r} must be a non-empty tuple of config.eval evaluators",
@@ -300,7 +300,8 @@ def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
     _require(
         not unknown, f"config.eval.select_by names unknown evaluators {unknown}; valid: {names}"
     )
+    ties = config.eval.get("select_ties")
     _require(
-        config.eval.select_ties in evaluate.SELECT_TIES,
-        f"config.eval.select_ties={config.eval.select_ties!r}; valid: {evaluate.SELECT_TIES}",
+        ties in evaluate.SELECT_TIES,
+        f"config.eval.select_ties={ties!r}; valid: {evaluate.SELECT_TIES}",
     )
