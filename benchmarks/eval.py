@@ -2,10 +2,11 @@
 
     python -m benchmarks.eval --model wrn-16-4 --batch 64 --steps 3 --json /tmp/eval.json
 
-1. PGD-20 evaluation: `score_jax.evaluate.compile_eval_step` (clean + PGD-20 cross-entropy,
-   uniform start, step 2/255 at Linf 8/255: the `test` section of configs/cifar10_ddpm.py) on a
-   device-resident batch, compiled apart, median of `--steps` calls; against the same evaluation
-   in eager PyTorch (benchmarks/torch_reference.py, subprocess, same weights and batch).
+1. PGD-20 evaluation: the "clean" and "pgd" steps of `score_jax.evaluate.compile_steps` (PGD-20
+   cross-entropy, uniform start, step 2/255 at Linf 8/255: `config.test.pgd` of
+   configs/cifar10_ddpm.py) on a device-resident batch, compiled apart, median of `--steps` calls
+   of both; against the same evaluation in eager PyTorch (benchmarks/torch_reference.py,
+   subprocess, same weights and batch).
 2. Input pipeline: train steps/s of the compiled train step (as benchmarks/train_step.py builds
    it) fed the way `trainer.train_and_evaluate` feeds it, `shard_batch(TrainBatcher.batch(step))`
    each step with the metrics read one step late, against the same loop on one device-resident
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 
 from benchmarks import train_step as ts
-from score_jax import config_lib, data, evaluate, train
+from score_jax import data, evaluate, train
 from score_jax.models import layers
 
 
@@ -43,26 +44,31 @@ def eval_batch(dataset: data.Dataset, batch: int, seed: int = 1) -> dict[str, np
 
 
 def run_jax_eval(bench: ts.Bench, state, host_batch: dict, steps: int, warmup: int) -> dict:
-    attack = config_lib.eval_attack(bench.config, "test")
-    fn = evaluate.compile_eval_step(bench.model, attack, bench.mesh)
+    """The steps `trainer.Setup.evaluate` runs for config.test.pgd ("clean" and "pgd"), as
+    `evaluate.compile_steps` builds them, called in turn on one batch."""
+    spec = bench.config.test.pgd
+    fns = evaluate.compile_steps(bench.model, {"pgd": spec}, bench.mesh)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     batch = train.shard_batch(host_batch, bench.mesh)
     key = bench.device_key()
     load_before = ts.loadavg()
     t0 = time.perf_counter()
-    lowered = fn.lower(variables, batch, key)
+    lowered = [fn.lower(variables, batch, key) for fn in fns.values()]
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = [low.compile() for low in lowered]
     t2 = time.perf_counter()
-    raw = ts.flops_of(compiled.cost_analysis())
+    raw = sum(ts.flops_of(c.cost_analysis()) for c in compiled)
     cpu: list[float] = []
     times = ts.time_calls(
-        lambda: jax.block_until_ready(compiled(variables, batch, key)), steps, warmup, cpu
+        lambda: jax.block_until_ready([c(variables, batch, key) for c in compiled]),
+        steps,
+        warmup,
+        cpu,
     )
     median = statistics.median(times)
     return {
         "framework": f"jax {jax.__version__} ({jax.default_backend()})",
-        "attack": attack.to_dict(),
+        "attack": spec.to_dict(),
         "trace_lower_s": t1 - t0,
         "compile_s": t2 - t1,
         "step_s_all": times,

@@ -144,7 +144,7 @@ def make_config(
     c.batch_size = batch
     c.eval_batch_size = batch
     c.attack.num_steps = attack_steps
-    c.test.num_steps = eval_steps
+    c.test.pgd.num_steps = eval_steps
     c.dataset.real_fraction = 1.0  # synthetic data only (no generated .npz)
     c.num_train_steps = 1000  # only sets the schedule's shape
     c.progress_bar = False
@@ -276,7 +276,7 @@ def torch_spec(
     channels_last: bool = False,
 ) -> dict:
     c = bench.config
-    attack = config_lib.eval_attack(c, "test") if mode == "eval" else c.attack
+    attack = c.test.pgd if mode == "eval" else c.attack
     spec = {
         "mode": mode,
         "model_name": c.model.name,

@@ -5,8 +5,8 @@
 `--config.dataset.ddpm_path=/path/to/cifar10_ddpm.npz` (keys `image` uint8 Nx32x32x3, `label`).
 Batch 512 with real fraction 0.3, 400 epochs, SGD Nesterov 0.9, weight decay 5e-4 (not on
 BatchNorm), lr 0.2 with one-cycle cosine (2.5% warm-up from lr/25), EMA tau 0.995, no clipping,
-no label smoothing, crop + flip; best checkpoint by PGD-40 (CW margin) of the EMA on 1024 held-out
-images.
+no label smoothing, crop + flip; best checkpoint by PGD-40 (the reference's CW loss, uniform start,
+`config.eval.pgd_cw`) of the EMA on 1024 held-out images, every epoch, a new best on >=.
 """
 
 from score_jax import config_lib

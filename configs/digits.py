@@ -33,6 +33,6 @@ def get_config():
     c.optim.schedule = "cosine"
     c.optim.nesterov = True
     c.ema.decay = 0.995
-    c.eval.step_size = 0.025
-    c.test.step_size = 0.025
+    c.eval.pgd.step_size = 0.025
+    c.test.pgd.step_size = 0.025
     return c

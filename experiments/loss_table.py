@@ -149,8 +149,8 @@ def make_config(row: Row, seed: int, budget: Budget) -> ml_collections.ConfigDic
     c.model.hidden = budget.hidden
     c.model.conv_impl = budget.conv_impl
     c.eval_every_epochs = budget.eval_every_epochs
-    c.eval.num_steps = budget.val_steps
-    c.test.num_steps = budget.test_steps
+    c.eval.pgd.num_steps = budget.val_steps
+    c.test.pgd.num_steps = budget.test_steps
     c.progress_bar = False
     c.autoattack.version = "custom"
     c.autoattack.attacks = AA_ATTACKS

@@ -11,7 +11,8 @@ informative, accuracy falls to 0 at the largest eps; a plateau above 0 signals o
 
 Writes DIR/results.json {"eps", "accuracy", "reaches_zero", ...} and DIR/obfuscation.png.
 Step size: 2.5 eps / num_steps (Madry et al.'s rule), uniform random starts; eps = 0 is the
-clean accuracy. The attack is the library's (`evaluate.eval_step` -> `attacks.pgd`).
+clean accuracy. The attack is the library's (the "pgd" evaluator, `evaluate.pgd_evaluator` ->
+`attacks.pgd`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from score_jax import data, evaluate
+from score_jax import data
 
 try:
     from experiments import common
@@ -56,10 +57,11 @@ def eps_grid(
 def attack_config(
     eps: float, norm: str, num_steps: int, restarts: int
 ) -> ml_collections.ConfigDict:
-    """The evaluation attack at `eps` (a `config.test`-shaped ConfigDict); eps = 0: no attack."""
+    """The evaluation attack at `eps` (a "pgd" evaluator spec); eps = 0: no attack."""
     steps = num_steps if eps > 0 else 0
     return ml_collections.ConfigDict(
         dict(
+            kind="pgd",
             objective="ce",
             eps=float(eps),
             norm=norm,
@@ -84,8 +86,7 @@ def accuracy_curve(
     out = []
     for eps in eps_list:
         attack = attack_config(eps, setup.config.attack.norm, num_steps, restarts)
-        fn = evaluate.compile_eval_step(setup.model, attack, setup.mesh)
-        out.append(setup.evaluate(fn, v["params"], v["batch_stats"], split)["adv_accuracy"])
+        out.append(setup.evaluate({"pgd": attack}, v, split)["pgd_accuracy"])
     return out
 
 

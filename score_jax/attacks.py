@@ -174,18 +174,24 @@ def trades_objective(logits_fn: LogitsFn, p_nat: Array, *, kind: str = "se") -> 
     return lambda x: losses.divergence_from_logits(p_nat, logits_fn(x), kind)
 
 
-def cw_objective(logits_fn: LogitsFn, labels: Array) -> Objective:
-    """CW margin max_{j != y} f_j(x') - f_y(x') (evaluation's PGD-CW)."""
-    return lambda x: losses.cw_margin(logits_fn(x), labels)
+def cw_objective(logits_fn: LogitsFn, labels: Array, *, clamped: bool = False) -> Objective:
+    """CW margin max_{j != y} f_j(x') - f_y(x') (evaluation's PGD-CW); `clamped`: min(margin, 0),
+    the reference's CW loss."""
+    margin = losses.cw_margin_clamped if clamped else losses.cw_margin
+    return lambda x: margin(logits_fn(x), labels)
 
 
-EVAL_OBJECTIVES = ("ce", "cw")
+# "ce"; "cw" / "cw_clamped" (margin, unclamped / the reference's); a divergence kind D: the
+# PGD-AT objective D(onehot(y) || softmax f(x')) ("kl" is the cross-entropy).
+EVAL_OBJECTIVES = ("ce", "cw", "cw_clamped", *losses.DIVERGENCES)
 
 
 def eval_objective(name: str, logits_fn: LogitsFn, labels: Array) -> Objective:
-    """An evaluation objective by name: "ce" (cross-entropy) or "cw" (margin)."""
+    """An evaluation objective by name (EVAL_OBJECTIVES)."""
     if name == "ce":
         return label_objective(logits_fn, labels)
-    if name == "cw":
-        return cw_objective(logits_fn, labels)
+    if name in ("cw", "cw_clamped"):
+        return cw_objective(logits_fn, labels, clamped=name == "cw_clamped")
+    if name in losses.DIVERGENCES:
+        return label_objective(logits_fn, labels, kind=name)
     raise ValueError(f"unknown attack objective {name!r}; valid: {EVAL_OBJECTIVES}")

@@ -16,6 +16,31 @@ from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
 CIFAR10_EPS = 8 / 255
 
 
+def pgd_evaluator(
+    attack: ml_collections.ConfigDict,
+    *,
+    objective: str,
+    num_steps: int,
+    step_size: float,
+    restarts: int = 1,
+    init: str = "uniform",
+) -> ml_collections.ConfigDict:
+    """A "pgd" evaluator (attacks.EVAL_OBJECTIVES objective) whose eps and norm are references
+    to `attack`'s (config.attack): they follow `--config.attack.eps=...` until set themselves."""
+    return ml_collections.ConfigDict(
+        dict(
+            kind="pgd",
+            objective=objective,
+            num_steps=num_steps,
+            step_size=step_size,
+            restarts=restarts,
+            init=init,
+            eps=attack.get_ref("eps").identity(),
+            norm=attack.get_ref("norm").identity(),
+        )
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults of the paper's basic setting (PreAct-ResNet-18, CIFAR-10, Linf 8/255)."""
     c = ml_collections.ConfigDict()
@@ -84,14 +109,18 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decay=0.995, warmup_fraction=0.025))
-    # PGD on the validation split during training (eps and norm are config.attack's).
-    c.eval = ml_collections.ConfigDict(
-        dict(objective="ce", num_steps=10, step_size=2 / 255, restarts=1, init="uniform")
-    )
-    # PGD on the test split at the end of training and in --mode eval.
-    c.test = ml_collections.ConfigDict(
-        dict(objective="ce", num_steps=20, step_size=2 / 255, restarts=1, init="uniform")
-    )
+    # Evaluators, each a named sub-ConfigDict with a `kind` of score_jax.evaluate.EVALUATORS; a
+    # "pgd" one's eps and norm follow config.attack unless set. config.eval: on the validation
+    # split every eval_every_epochs epochs; the best checkpoint has the highest min over
+    # `select_by` of config.best_by's accuracies, a new best needing > the best so far
+    # (select_ties "strict") or >= ("later"). config.test: on the test split after training and
+    # in --mode eval. The clean accuracy is always computed ("clean" in select_by).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=10, step_size=2 / 255)
+    c.eval.select_by = ("pgd",)
+    c.eval.select_ties = "strict"
+    c.test = ml_collections.ConfigDict()
+    c.test.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=20, step_size=2 / 255)
     # --mode autoattack (score_jax.torch_bridge): AutoAttack on the first num_examples test
     # examples (-1: all); version "standard" | "plus" | "rand" | "custom" (custom: `attacks`,
     # e.g. ("apgd-ce", "apgd-t")).
@@ -138,14 +167,18 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
         c.attack.norm, c.attack.eps, c.attack.step_size = "l2", 128 / 255, 16 / 255
     else:
         c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
-    c.eval.objective = "cw"
-    c.eval.num_steps = 40
-    c.eval.step_size = c.attack.step_size
-    c.test.objective = "ce"
-    c.test.num_steps = 20
-    c.test.step_size = c.attack.step_size
+    # The reference's validation: PGD-40 on its CW loss, uniform start, of the EMA, every
+    # epoch, a new best on >=.
+    del c.eval.pgd
+    c.eval.pgd_cw = pgd_evaluator(
+        c.attack, objective="cw_clamped", num_steps=40, step_size=c.attack.step_size
+    )
+    c.eval.select_by = ("pgd_cw",)
+    c.eval.select_ties = "later"
+    c.test.pgd.num_steps = 20
+    c.test.pgd.step_size = c.attack.step_size
     c.best_by = "ema"
-    c.eval_every_epochs = 5
+    c.eval_every_epochs = 1
     c.checkpoint_every_steps = 2000
     return c
 
@@ -158,14 +191,6 @@ def load_config_file(path: str, variant: str | None = None) -> ml_collections.Co
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if variant is None else module.get_config(variant)
-
-
-def eval_attack(config: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:
-    """config.<section> (eval or test) completed with config.attack's eps and norm."""
-    attack = ml_collections.ConfigDict(config[section].to_dict())
-    attack.eps = config.attack.eps
-    attack.norm = config.attack.norm
-    return attack
 
 
 def _require(ok: bool, message: str) -> None:
@@ -217,23 +242,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         0 <= lc.label_smoothing < 1,
         f"config.loss.label_smoothing={lc.label_smoothing} must lie in [0, 1)",
     )
-    for section in ("attack", "eval", "test"):
-        a = config[section]
-        _require(a.num_steps >= 0, f"config.{section}.num_steps={a.num_steps} must be >= 0")
-        _require(
-            a.step_size > 0 or a.num_steps == 0,
-            f"config.{section}.step_size={a.step_size} must be > 0",
-        )
-        _require(
-            a.init in attacks.INITS,
-            f"config.{section}.init={a.init!r}; valid: {attacks.INITS}",
-        )
-        if section != "attack":
-            _require(
-                a.objective in attacks.EVAL_OBJECTIVES,
-                f"config.{section}.objective={a.objective!r}; valid: {attacks.EVAL_OBJECTIVES}",
-            )
-            _require(a.restarts >= 1, f"config.{section}.restarts={a.restarts} must be >= 1")
+    _require(ac.num_steps >= 0, f"config.attack.num_steps={ac.num_steps} must be >= 0")
+    _require(
+        ac.step_size > 0 or ac.num_steps == 0,
+        f"config.attack.step_size={ac.step_size} must be > 0",
+    )
+    _require(ac.init in attacks.INITS, f"config.attack.init={ac.init!r}; valid: {attacks.INITS}")
     _require(ac.eps >= 0, f"config.attack.eps={ac.eps} must be >= 0")
     _require(ac.norm in attacks.NORMS, f"config.attack.norm={ac.norm!r}; valid: {attacks.NORMS}")
     _require(
@@ -264,4 +278,46 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _require(
         config.model.dtype in ("float32", "bfloat16"),
         f"config.model.dtype={config.model.dtype!r}; valid: float32, bfloat16",
+    )
+    _validate_evaluators(config)
+
+
+def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
+    """config.eval / config.test: each evaluator's fields, select_by and select_ties."""
+    from score_jax import evaluate
+
+    for section in ("eval", "test"):
+        for name, e in evaluate.evaluator_specs(config[section]).items():
+            f = f"config.{section}.{name}"
+            kinds = ", ".join(evaluate.EVALUATORS)
+            _require(
+                e.get("kind") in evaluate.EVALUATORS, f"{f}.kind={e.get('kind')!r}; valid: {kinds}"
+            )
+            if e.kind == "pgd":
+                _require(e.num_steps >= 0, f"{f}.num_steps={e.num_steps} must be >= 0")
+                _require(
+                    e.step_size > 0 or e.num_steps == 0, f"{f}.step_size={e.step_size} must be > 0"
+                )
+                _require(e.init in attacks.INITS, f"{f}.init={e.init!r}; valid: {attacks.INITS}")
+                _require(
+                    e.objective in attacks.EVAL_OBJECTIVES,
+                    f"{f}.objective={e.objective!r}; valid: {attacks.EVAL_OBJECTIVES}",
+                )
+                _require(e.restarts >= 1, f"{f}.restarts={e.restarts} must be >= 1")
+                _require(e.eps >= 0, f"{f}.eps={e.eps} must be >= 0")
+                _require(e.norm in attacks.NORMS, f"{f}.norm={e.norm!r}; valid: {attacks.NORMS}")
+    names = (*evaluate.evaluator_specs(config.eval), evaluate.CLEAN)
+    select_by = config.eval.get("select_by")  # None in a config.json written before evaluators
+    _require(
+        isinstance(select_by, tuple | list) and len(select_by) > 0,
+        f"config.eval.select_by={select_by!r} must be a non-empty tuple of config.eval evaluators",
+    )
+    unknown = [n for n in select_by if n not in names]
+    _require(
+        not unknown, f"config.eval.select_by names unknown evaluators {unknown}; valid: {names}"
+    )
+    ties = config.eval.get("select_ties")
+    _require(
+        ties in evaluate.SELECT_TIES,
+        f"config.eval.select_ties={ties!r}; valid: {evaluate.SELECT_TIES}",
     )

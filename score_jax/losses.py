@@ -225,6 +225,12 @@ def cw_margin(logits: Array, labels: Array) -> Array:
     return other - true
 
 
+def cw_margin_clamped(logits: Array, labels: Array) -> Array:
+    """The reference's CW loss min(max_{j != y} z_j - z_y, 0): 0, with zero gradient, once an
+    example is misclassified (the DDPM setting's validation attack)."""
+    return jnp.minimum(cw_margin(logits, labels), 0.0)
+
+
 def accuracy(logits: Array, labels: Array) -> Array:
     """Per-example 0/1 correctness (float32)."""
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)

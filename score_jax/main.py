@@ -24,7 +24,10 @@ flags.DEFINE_enum(
     "<workdir>/export) or autoattack (AutoAttack on the export; needs torch and pyautoattack).",
 )
 flags.DEFINE_enum(
-    "export_params", "ema", ("ema", "raw"), "Parameters --mode export/autoattack exports."
+    "export_params",
+    "auto",
+    ("auto", "ema", "raw"),
+    "Parameters --mode export/autoattack exports; auto: those selection used (config.best_by).",
 )
 config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
 flags.DEFINE_bool(

@@ -21,6 +21,7 @@ from score_jax import checkpoint, config_lib, data, evaluate, models, optim, tra
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
 
 
 def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset):
@@ -117,14 +118,40 @@ def _check_writable(workdir: str) -> None:
         raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
 
 
-def _summary_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'':<24}{'clean':>10}{'PGD':>10}{'n':>8}"]
-    for name, r in rows.items():
-        lines.append(
-            f"{name:<24}{100 * r['clean_accuracy']:>9.2f}%{100 * r['adv_accuracy']:>9.2f}%"
-            f"{r['num_examples']:>8d}"
-        )
+def _summary_table(rows: dict[str, dict[str, float]], names: list[str]) -> str:
+    """One row per parameter set: the accuracy (%) of each of `names` ("clean", evaluators)."""
+    width = max(10, *(len(n) + 2 for n in names))
+    lines = [f"{'':<16}" + "".join(f"{n:>{width}}" for n in names) + f"{'n':>8}"]
+    for params, r in rows.items():
+        cells = "".join(f"{100 * r[f'{n}_accuracy']:>{width - 1}.2f}%" for n in names)
+        lines.append(f"{params + ' params':<16}{cells}{r['num_examples']:>8d}")
     return "\n".join(lines)
+
+
+def _section_scalars(prefix: str, rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"<prefix>/<params>_<name>_accuracy": ..} of evaluate_state's rows."""
+    return {
+        f"{prefix}/{params}_{k}": v
+        for params, r in rows.items()
+        for k, v in r.items()
+        if k != "num_examples"
+    }
+
+
+def _drop_test_lines(path: str) -> None:
+    """Drops earlier test-only lines of metrics.jsonl (a new test evaluation replaces them)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = [
+        line
+        for line in lines
+        if not all(k == "step" or k.startswith("test/") for k in json.loads(line))
+    ]
+    if len(keep) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 
 class Setup:
@@ -146,6 +173,7 @@ class Setup:
         self.tx = optim.make_optimizer(config.optim, self.schedule)
         self.ema_warmup_steps = int(round(config.ema.warmup_fraction * self.total_steps))
         self.key = train.base_key(config.seed)
+        self._eval_steps: dict[str, dict[str, evaluate.StepFn]] = {}
 
     def initial_state(self) -> train.TrainState:
         state = train.create_train_state(
@@ -153,14 +181,49 @@ class Setup:
         )
         return train.replicate(state, self.mesh)
 
-    def eval_fn(self, section: str):
-        attack = config_lib.eval_attack(self.config, section)
-        return evaluate.compile_eval_step(self.model, attack, self.mesh)
+    def eval_steps(
+        self, section: str | dict[str, ml_collections.ConfigDict]
+    ) -> dict[str, evaluate.StepFn]:
+        """The compiled steps ("clean" and each evaluator) of config.<section> (built once), or
+        of the given {name: evaluator spec}."""
+        if not isinstance(section, str):
+            return evaluate.compile_steps(self.model, section, self.mesh)
+        if section not in self._eval_steps:
+            specs = evaluate.evaluator_specs(self.config[section])
+            self._eval_steps[section] = evaluate.compile_steps(self.model, specs, self.mesh)
+        return self._eval_steps[section]
 
-    def evaluate(self, fn, params, batch_stats, split: data.Split) -> dict[str, float]:
-        variables = {"params": params, "batch_stats": batch_stats}
+    def evaluate(
+        self,
+        section: str | dict[str, ml_collections.ConfigDict],
+        variables: dict,
+        split: data.Split,
+    ) -> dict[str, float]:
+        """config.<section>'s evaluators (or the given ones) on `variables` ({"params",
+        "batch_stats"}) and `split`: {"clean_accuracy", "<evaluator>_accuracy", ..,
+        "num_examples"}."""
         key = np.asarray(jax.random.key_data(jax.random.key(self.config.seed + 1)))
-        return evaluate.evaluate(fn, variables, split, self.config.eval_batch_size, self.mesh, key)
+        return evaluate.run_evaluators(
+            self.eval_steps(section),
+            variables,
+            split,
+            self.config.eval_batch_size,
+            self.mesh,
+            key,
+        )
+
+    def evaluate_state(
+        self, section: str, state: train.TrainState, split: data.Split
+    ) -> dict[str, dict[str, float]]:
+        """`evaluate` of the EMA and of the raw parameters of `state`: {"ema": .., "raw": ..}.
+        The one evaluation path of training (validation) and --mode eval (test)."""
+        chosen = {"ema": state.ema_params, "raw": state.params}
+        return {
+            name: self.evaluate(
+                section, {"params": chosen[name], "batch_stats": state.batch_stats}, split
+            )
+            for name in PARAMS
+        }
 
 
 def _restore_or_init(
@@ -231,7 +294,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = train.compile_train_step(
         setup.model, config, setup.schedule, setup.ema_warmup_steps, setup.mesh
     )
-    val_fn = setup.eval_fn("eval")
     num_steps = setup.total_steps
     logging.info(
         "Training %s (%s-%s) for %d steps (%d per epoch) on %d devices from step %d",
@@ -309,19 +371,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if eval_now:
             drain(pending)
             pending = None
-            results = {
-                name: setup.evaluate(val_fn, params, state.batch_stats, setup.dataset.validation)
-                for name, params in (("ema", state.ema_params), ("raw", state.params))
-            }
-            scalars = {
-                f"val/{name}_{k}": v
-                for name, r in results.items()
-                for k, v in r.items()
-                if k != "num_examples"
-            }
-            writer.write(done, scalars)
-            value = results[config.best_by]["adv_accuracy"]
-            if value > best_value:
+            rows = setup.evaluate_state("eval", state, setup.dataset.validation)
+            value = evaluate.selection_value(rows[config.best_by], config.eval.select_by)
+            writer.write(done, {**_section_scalars("val", rows), "val/selection": value})
+            if evaluate.improves(value, best_value, config.eval.select_ties):
                 best_value = value
                 save(done, state, best=True)
         preempted = watch.reached(done)
@@ -347,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "resume by running the same command again."
             )
         return {"preempted_at_step": done}
-    results = evaluate_workdir(config, workdir, setup=setup, ckpt=ckpt)
+    results = evaluate_workdir(config, workdir, setup=setup, ckpt=ckpt, writer=writer)
     ckpt.close()
     writer.close()
     return results
@@ -359,35 +412,52 @@ def evaluate_workdir(
     *,
     setup: Setup | None = None,
     ckpt: checkpoint.Checkpointer | None = None,
+    writer: MetricWriter | None = None,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy on the test split of the best checkpoint (else the last), for the
-    EMA and the raw parameters; printed as a table and written to <workdir>/results.json."""
+    """config.test's evaluators on the test split, of the best checkpoint (else the last), for
+    the EMA and the raw parameters; printed as a table, written to <workdir>/results.json and,
+    as test/<params>_<evaluator>_accuracy at the newest checkpoint's step, to metrics.jsonl and
+    TensorBoard (replacing an earlier test evaluation's lines in metrics.jsonl)."""
     if ckpt is None and not checkpoint.exists(workdir):
         raise ValueError(f"workdir {workdir!r} holds no checkpoint to evaluate")
     setup = setup or Setup(config, workdir)
     own = ckpt is None
     ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     state, _, use_best = ckpt.restore_final(setup.initial_state())
-    test_fn = setup.eval_fn("test")
-    attack = config_lib.eval_attack(config, "test")
-    rows = {
-        name: setup.evaluate(test_fn, params, state.batch_stats, setup.dataset.test)
-        for name, params in (("ema", state.ema_params), ("raw", state.params))
-    }
+    last_step = ckpt.latest_step()
+    rows = setup.evaluate_state("test", state, setup.dataset.test)
+    specs = evaluate.evaluator_specs(config.test)
     results = {
         "checkpoint": "best" if use_best else "last",
         "step": int(jax.device_get(state.step)),
-        "attack": attack.to_dict(),
+        "evaluators": {name: spec.to_dict() for name, spec in specs.items()},
         **{f"test_{name}": r for name, r in rows.items()},
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
-        title = (
-            f"Test split, {results['checkpoint']} checkpoint (step {results['step']}), "
-            f"PGD-{attack.num_steps} ({attack.objective}) {attack.norm} eps={attack.eps:.4g}"
+        _drop_test_lines(os.path.join(workdir, METRICS_FILE))
+    own_writer = writer is None
+    if own_writer:
+        writer = MetricWriter(workdir)
+    writer.write(
+        last_step if last_step is not None else results["step"], _section_scalars("test", rows)
+    )
+    if own_writer:
+        writer.close()
+    if jax.process_index() == 0:
+        described = "; ".join(f"{name}: {_describe(spec)}" for name, spec in specs.items())
+        title = f"Test split, {results['checkpoint']} checkpoint (step {results['step']})" + (
+            f", {described}" if described else ""
         )
-        print(title + "\n" + _summary_table({f"{k} params": v for k, v in rows.items()}))
+        print(title + "\n" + _summary_table(rows, [evaluate.CLEAN, *specs]))
     if own:
         ckpt.close()
     return results
+
+
+def _describe(spec: ml_collections.ConfigDict) -> str:
+    """A short description of an evaluator, e.g. "PGD-20 (ce) linf eps=0.03137"."""
+    if spec.kind == "pgd":
+        return f"PGD-{spec.num_steps} ({spec.objective}) {spec.norm} eps={spec.eps:.4g}"
+    return spec.kind

@@ -14,8 +14,8 @@ OVERRIDES = [
     "--config.batch_size=16",
     "--config.eval_batch_size=60",
     "--config.attack.num_steps=2",
-    "--config.eval.num_steps=1",
-    "--config.test.num_steps=1",
+    "--config.eval.pgd.num_steps=1",
+    "--config.test.pgd.num_steps=1",
     "--config.eval_every_epochs=0",
     "--config.progress_bar=False",
 ]

@@ -166,8 +166,8 @@ E2E_OVERRIDES = {
     "loss.beta": 1.0,
     "optim.learning_rate": 0.1,
     "ema.decay": 0.9,
-    "eval.num_steps": 0,
-    "test.num_steps": 0,
+    "eval.pgd.num_steps": 0,
+    "test.pgd.num_steps": 0,
     "eval_every_epochs": 0,
     "progress_bar": False,
 }

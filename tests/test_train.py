@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import checkpoint, config_lib, train, trainer
+from score_jax import checkpoint, config_lib, evaluate, train, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +28,8 @@ def tiny_config(loss_type: str = "trades", **overrides):
     c.eval_batch_size = 60
     c.num_train_steps = 4
     c.attack.num_steps = 2
-    c.eval.num_steps = 2
-    c.test.num_steps = 2
+    c.eval.pgd.num_steps = 2
+    c.test.pgd.num_steps = 2
     c.eval_every_epochs = 0
     c.log_every_steps = 2
     c.progress_bar = False
@@ -160,7 +160,10 @@ def test_unwritable_workdir(tmp_path):
         ("model.name", "vit"),
         ("dataset.real_fraction", 0.0),
         ("optim.schedule", "linear"),
-        ("eval.objective", "dlr"),
+        ("eval.pgd.objective", "dlr"),
+        ("test.pgd.restarts", 0),
+        ("eval.select_ties", "first"),
+        ("eval.select_by", ("pgd", "pgd_kl")),
     ],
 )
 def test_bad_config_values_name_the_field(field, value):
@@ -220,8 +223,9 @@ def _shrink_to_smoke(c):
     c.eval_batch_size = 8
     c.num_train_steps = 2
     c.attack.num_steps = 1
-    c.eval.num_steps = 1
-    c.test.num_steps = 1
+    for section in (c.eval, c.test):
+        for spec in evaluate.evaluator_specs(section).values():
+            spec.num_steps = 1
     c.eval_every_epochs = 0
     c.progress_bar = False
     c.dataset.num_validation = 8

@@ -8,9 +8,9 @@ Public API:
   build_torch_model(model_name, num_classes, **kw) -> torch.nn.Module
   export_state_dict(model_name, variables) -> dict[str, torch.Tensor]
   import_state_dict(model_name, state_dict, template) -> Flax variables
-  export_workdir(config, workdir, params="ema") -> metadata   (--mode export)
+  export_workdir(config, workdir, params="auto") -> metadata   (--mode export)
   load_exported(export_dir) -> torch.nn.Module (eval mode)
-  run_autoattack(config, workdir, params="ema") -> results    (--mode autoattack)
+  run_autoattack(config, workdir, params="auto") -> results    (--mode autoattack)
 """
 
 import importlib

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from score_jax import config_lib, data, evaluate, trainer
+from score_jax import data, trainer
 from score_jax.torch_bridge import export
 
 RESULTS_FILE = "autoattack.json"
@@ -83,27 +83,34 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -
         )
 
 
+def pgd20_spec(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.test.pgd with PGD_STEPS steps (eps and norm as config.test.pgd resolves them)."""
+    if "pgd" not in config.test or config.test.pgd.get("kind") != "pgd":
+        raise ValueError("config.test.pgd must be a 'pgd' evaluator for the JAX PGD-20 cross-check")
+    spec = ml_collections.ConfigDict(config.test.pgd.to_dict())
+    spec.num_steps = PGD_STEPS
+    return spec
+
+
 def jax_pgd20(
     setup: trainer.Setup, model_name: str, state: dict[str, torch.Tensor], split: data.Split
 ) -> dict[str, float]:
-    """Clean and PGD-20 accuracy (config.test's attack, 20 steps) of the JAX model holding the
-    weights of the PyTorch state dict `state`, on `split`."""
+    """{"clean_accuracy", "pgd_accuracy", "num_examples"}: config.test.pgd with 20 steps, on the
+    JAX model holding the weights of the PyTorch state dict `state`, on `split`."""
     image_shape = split.images.shape[1:]
     template = jax.eval_shape(
         lambda: setup.model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
     )
     variables = export.import_state_dict(model_name, state, template)
-    attack = config_lib.eval_attack(setup.config, "test")
-    attack.num_steps = PGD_STEPS
-    fn = evaluate.compile_eval_step(setup.model, attack, setup.mesh)
-    return setup.evaluate(fn, variables["params"], variables["batch_stats"], split)
+    return setup.evaluate({"pgd": pgd20_spec(setup.config)}, variables, split)
 
 
 def run_autoattack(
-    config: ml_collections.ConfigDict, workdir: str, params: str = "ema"
+    config: ml_collections.ConfigDict, workdir: str, params: str = "auto"
 ) -> dict[str, Any]:
     """AutoAttack and JAX PGD-20 accuracy on the first config.autoattack.num_examples test
-    examples, of <workdir>/export (exported first, with `params`, if missing)."""
+    examples, of <workdir>/export (exported first, with `params`, if missing; "auto":
+    config.best_by, the parameters selection used)."""
     from pyautoattack import AutoAttack
 
     if jax.process_count() > 1:
@@ -113,6 +120,8 @@ def run_autoattack(
         )
     aa = config.autoattack
     attacks = custom_attacks(aa)
+    params = export.resolve_params(config, params)
+    pgd_spec = pgd20_spec(config)
     if config.attack.norm not in NORMS:
         raise ValueError(f"config.attack.norm={config.attack.norm!r}: AutoAttack needs linf or l2")
     out_dir = export.export_dir(workdir)
@@ -180,13 +189,8 @@ def run_autoattack(
         "seconds": seconds,
         "max_linf_perturbation": linf,
         "jax_clean_accuracy": pgd["clean_accuracy"],
-        "pgd20_accuracy": pgd["adv_accuracy"],
-        "pgd20_attack": {
-            k: v
-            for k, v in config_lib.eval_attack(config, "test").to_dict().items()
-            if k != "num_steps"
-        }
-        | {"num_steps": PGD_STEPS},
+        "pgd20_accuracy": pgd["pgd_accuracy"],
+        "pgd20_attack": pgd_spec.to_dict(),
         "device": str(device),
     }
     path = os.path.join(workdir, RESULTS_FILE)
@@ -198,7 +202,7 @@ def run_autoattack(
     export.atomic_write(path, write)
     print(
         f"{n} test examples: clean {100 * clean:.2f}% (JAX {100 * pgd['clean_accuracy']:.2f}%), "
-        f"PGD-{PGD_STEPS} {100 * pgd['adv_accuracy']:.2f}%, AutoAttack {100 * robust:.2f}% "
+        f"PGD-{PGD_STEPS} {100 * pgd['pgd_accuracy']:.2f}%, AutoAttack {100 * robust:.2f}% "
         f"({seconds:.1f} s); written to {path}",
         flush=True,
     )

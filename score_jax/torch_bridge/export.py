@@ -23,7 +23,15 @@ from score_jax.torch_bridge.models import ARCH_FIELDS, build_torch_model, family
 EXPORT_DIR = "export"
 MODEL_FILE = "model.pt"
 META_FILE = "model.json"
-PARAM_CHOICES = ("ema", "raw")
+PARAM_CHOICES = ("auto", "ema", "raw")  # auto: config.best_by, the parameters selection used
+
+
+def resolve_params(config: ml_collections.ConfigDict, params: str) -> str:
+    """ "ema" or "raw": `params`, or config.best_by for "auto"; ValueError naming the flag."""
+    if params not in PARAM_CHOICES:
+        raise ValueError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
+    return config.best_by if params == "auto" else params
+
 
 # Flax module-name renames per family, applied to each path component.
 _RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -176,17 +184,16 @@ def model_kwargs(model_name: str, flax_model: Any) -> dict[str, Any]:
 
 
 def export_workdir(
-    config: ml_collections.ConfigDict, workdir: str, params: str = "ema"
+    config: ml_collections.ConfigDict, workdir: str, params: str = "auto"
 ) -> dict[str, Any]:
     """Writes <workdir>/export/model.pt (state dict) and model.json (metadata); returns the latter.
 
-    Parameters: the EMA ones (`params="ema"`) or the raw ones ("raw") of the best checkpoint if
-    present, else the last; BatchNorm statistics are always the live model's. In a
-    multi-process run every process restores and only process 0 writes (the others return
-    without the metadata).
+    Parameters of the best checkpoint if present, else the last: `params="auto"` those that
+    selected it (config.best_by: raw in the basic setting, EMA where an EMA is trained), or
+    "ema" / "raw"; BatchNorm statistics are always the live model's. In a multi-process run
+    every process restores and only process 0 writes (the others return without the metadata).
     """
-    if params not in PARAM_CHOICES:
-        raise ValueError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
+    params = resolve_params(config, params)
     if not checkpoint.exists(workdir):
         raise ValueError(f"workdir {workdir!r} holds no checkpoint to export")
     setup = trainer.Setup(config, workdir)
