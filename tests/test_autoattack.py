@@ -286,7 +286,7 @@ def test_tiny_wrn_random_weights_matches_reference():
     APGD-CE from the same start and the deterministic FAB-T give the reference's flags."""
     kw = dict(depth=10, width=1)
     model = models.get_model("wrn-16-2", 10, conv_impl="xla", **kw)
-    x = np.random.default_rng(0).uniform(0.0, 1.0, (64, 8, 8, 3)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(0.0, 1.0, (48, 8, 8, 3)).astype(np.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
     variables = _random_variables(shapes, seed=1)
     logits_fn = jax.jit(lambda z: model.apply(variables, z, train=False))
@@ -319,9 +319,9 @@ def test_tiny_wrn_random_weights_matches_reference():
     assert (np.asarray(robust) != acc.numpy()).sum() <= 1
 
     _, robust = jax.jit(
-        lambda: autoattack.fab_targeted(logits_fn, x, y, eps=eps, n_iter=10, n_target_classes=3)
+        lambda: autoattack.fab_targeted(logits_fn, x, y, eps=eps, n_iter=10, n_target_classes=2)
     )()
-    fab = FABAttack_PT(tm, n_iter=10, eps=eps, targeted=True, n_target_classes=3, device="cpu")
+    fab = FABAttack_PT(tm, n_iter=10, eps=eps, targeted=True, n_target_classes=2, device="cpu")
     with torch.no_grad():
         adv = fab.perturb(_torch(x), yt)
         flags = tm(adv).argmax(1) == yt
@@ -383,9 +383,11 @@ def test_benchmark_harness_writes_complete_json(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "autoattack" and saved["eps"] == EPS
     assert saved["machine"]["cpu"] and saved["date"] and len(saved["jax"]["loadavg_before"]) == 3
+    assert [s["attack"] for s in saved["jax"]["stages"]] == list(autoattack.ATTACKS)
+    # pyautoattack stops listing stages once no example is left
+    names = [s["attack"] for s in saved["torch"]["stages"]]
+    assert names and names == list(autoattack.ATTACKS)[: len(names)]
     for side in ("jax", "torch"):
-        names = [s["attack"] for s in saved[side]["stages"]]
-        assert names == list(autoattack.ATTACKS), (side, names)
         assert saved[side]["seconds"] > 0 and 0 <= saved[side]["robust_accuracy"] <= 1
         assert saved[side]["clean_accuracy"] >= saved[side]["robust_accuracy"]
     assert saved["jax"]["num_examples"] == 16

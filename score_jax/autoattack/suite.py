@@ -5,7 +5,9 @@ still robust after the previous ones, and the robust accuracy is reported after 
 Between stages a host step gathers the still-robust examples and pads them to a fixed bucket
 (`batch_size`, or batch_size / 2^j for the last chunk), so each stage compiles once per bucket
 size. Example i's randomness comes from fold_in(fold_in(key, stage), i) with i its index in
-the split: results do not depend on the device count or the batching.
+the split, and the model runs in eval mode (no batch coupling): the result does not depend on the
+device count or the batching, up to floating-point differences of the batched convolutions.
+Unlike the reference, a stage with no example left is still listed (at the same accuracy).
 
     fns = make_stage_fns(model, eps=8/255, norm="linf", mesh=mesh)
     result = evaluate(model, variables, split, eps=8/255, norm="linf", batch_size=256,
