@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from score_jax import data
 from score_jax.autoattack import apgd, fab, square
+from score_jax.errors import ConfigError
 from score_jax.train import AXIS, shard_batch
 
 Array = jax.Array
@@ -63,7 +64,7 @@ def run_attack(
         return square.square_attack(
             logits_fn, x, labels, key, eps=eps, norm=norm, mask=mask, **options
         )
-    raise ValueError(f"unknown autoattack attack {name!r}; valid: {ATTACKS}")
+    raise ConfigError(f"unknown autoattack attack {name!r}; valid: {ATTACKS}")
 
 
 def resolve_attacks(version: str, attacks) -> tuple[str, ...]:
@@ -71,15 +72,15 @@ def resolve_attacks(version: str, attacks) -> tuple[str, ...]:
     if version == "custom":
         attacks = tuple(attacks or ())
         if not attacks:
-            raise ValueError("autoattack version='custom' needs a list of attacks")
+            raise ConfigError("autoattack version='custom' needs a list of attacks")
         bad = [a for a in attacks if a not in ATTACKS]
         if bad:
-            raise ValueError(f"autoattack attacks has unknown {bad}; valid: {ATTACKS}")
+            raise ConfigError(f"autoattack attacks has unknown {bad}; valid: {ATTACKS}")
         return attacks
     if version not in VERSIONS:
-        raise ValueError(f"autoattack version={version!r}; valid: standard, custom")
+        raise ConfigError(f"autoattack version={version!r}; valid: standard, custom")
     if attacks:
-        raise ValueError(f"autoattack attacks is only used with version='custom', not {version!r}")
+        raise ConfigError(f"autoattack attacks is only used with version='custom', not {version!r}")
     return VERSIONS[version]
 
 
@@ -116,14 +117,14 @@ def make_stage_fns(
     batch with image/label/mask/key) to per-example robust flags. Reuse them across calls of
     `evaluate` so that nothing recompiles."""
     if norm not in NORMS:
-        raise ValueError(f"autoattack norm must be one of {NORMS}, got {norm!r}")
+        raise ConfigError(f"autoattack norm must be one of {NORMS}, got {norm!r}")
     if eps <= 0:
-        raise ValueError(f"autoattack eps must be > 0, got {eps}")
+        raise ConfigError(f"autoattack eps must be > 0, got {eps}")
     names = resolve_attacks(version, attacks)
     options = options or {}
     bad = [k for k in options if k not in names]
     if bad:
-        raise ValueError(f"autoattack options for attacks not run: {bad}")
+        raise ConfigError(f"autoattack options for attacks not run: {bad}")
 
     def wrap(fn):
         return jax.jit(
@@ -205,15 +206,15 @@ def evaluate(
     `key` is raw PRNG key data (`train.base_key`).
     """
     if jax.process_count() != 1:
-        raise ValueError("autoattack.evaluate runs in a single process")
+        raise ConfigError("autoattack.evaluate runs in a single process (jax.process_count() > 1)")
     names = resolve_attacks(version, attacks)
     devices = mesh.devices.size
     if batch_size <= 0 or batch_size % devices:
-        raise ValueError(
+        raise ConfigError(
             f"autoattack batch_size={batch_size} must be a positive multiple of {devices}"
         )
     if num_examples == 0 or num_examples < -1:
-        raise ValueError(f"autoattack num_examples={num_examples}: -1 (all) or > 0")
+        raise ConfigError(f"autoattack num_examples={num_examples}: -1 (all) or > 0")
     if stage_fns is None:
         stage_fns = make_stage_fns(
             model, eps=eps, norm=norm, mesh=mesh, version=version, attacks=attacks, options=options
