@@ -154,14 +154,19 @@ def test_square_window_schedule_matches_reference(rescale):
     assert autoattack.window_size(0.8 / 8, 32, 32, "l2") == 11  # round(10.1) = 10 -> odd
 
 
-def test_apgd_from_the_same_start_follows_the_reference(digits_model):
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+def test_apgd_from_the_same_start_follows_the_reference(digits_model, norm, eps):
     """Deterministic given the start: the reference's run from the same x_init breaks the same
-    examples and reaches the same best loss."""
+    examples (one may differ: a sign of a near-zero gradient can flip between frameworks)."""
     ds, model, variables, tm = digits_model
     x = ds.test.images[:96].astype(np.float32) / 255.0
     y = ds.test.labels[:96].astype(np.int32)
-    start = np.clip(x + EPS * np.random.default_rng(0).choice([-1.0, 1.0], x.shape), 0, 1)
-    start = start.astype(np.float32)
+    direction = np.random.default_rng(0).normal(0.0, 1.0, x.shape)
+    if norm == "linf":
+        direction = np.sign(direction)
+    else:
+        direction /= np.sqrt(np.sum(direction**2, axis=(1, 2, 3), keepdims=True))
+    start = np.clip(x + eps * direction, 0, 1).astype(np.float32)
     x_adv, robust = jax.jit(
         lambda: autoattack.apgd_run(
             lambda z: model.apply(variables, z, train=False),
@@ -169,19 +174,23 @@ def test_apgd_from_the_same_start_follows_the_reference(digits_model):
             x,
             y,
             jax.random.key(0),
-            eps=EPS,
+            eps=eps,
+            norm=norm,
             n_iter=20,
             x_init=start,
         )
     )()
-    ref = APGDAttack(tm, n_iter=20, eps=EPS, device="cpu", loss="ce")
+    ref_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    ref = APGDAttack(tm, n_iter=20, eps=eps, norm=ref_norm, device="cpu", loss="ce")
     ref.init_hyperparam(_torch(x))
     with torch.no_grad():
         _, acc, _, _ = ref.attack_single_run(_torch(x), torch.from_numpy(y).long(), _torch(start))
     robust, acc = np.asarray(robust), acc.numpy()
     assert 0.2 < acc.mean() < 0.8
     assert (robust != acc).sum() <= 1
-    assert np.abs(np.asarray(x_adv) - x).max() <= EPS + 1e-6
+    delta = (np.asarray(x_adv) - x).reshape(len(x), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt(np.sum(delta**2, axis=1))
+    assert size.max() <= eps + 1e-5
 
 
 # ---------------------------------------------------------------- parity of each stage
@@ -229,7 +238,7 @@ def test_standard_suite_matches_pyautoattack_per_stage(digits_model):
 
     adversary.logger = Capture()
     adversary.run_standard_evaluation(_torch(x), torch.from_numpy(y).long(), batch_size=N_PARITY)
-    ref_stages = {}
+    ref_stages, ref_clean = {}, None
     for line in log:
         if line.startswith("robust accuracy after "):
             name = line.split()[3].rstrip(":").lower()
@@ -259,6 +268,27 @@ def test_standard_suite_matches_pyautoattack_per_stage(digits_model):
     )()
     pgd20 = float(np.mean(np.asarray(jnp.argmax(logits_fn(x_pgd), -1)) == y))
     assert ours["robust_accuracy"] <= pgd20
+
+
+def test_square_alone_matches_reference(digits_model):
+    """Square's randomness is its own (per-example keys vs one torch stream): on the 540 held-out
+    digits the robust accuracies agree within 1%. FAB-T and Square break little after APGD in
+    the suite test, so this is where Square's parity is measured."""
+    ds, model, variables, tm = digits_model
+    x = np.concatenate([ds.validation.images, ds.test.images]).astype(np.float32) / 255.0
+    y = np.concatenate([ds.validation.labels, ds.test.labels]).astype(np.int32)
+    logits_fn = lambda z: model.apply(variables, z, train=False)  # noqa: E731
+    _, robust = jax.jit(
+        lambda: autoattack.square_attack(logits_fn, x, y, jax.random.key(0), eps=EPS, n_queries=100)
+    )()
+    ref = SquareAttack(tm, n_queries=100, eps=EPS, p_init=0.8, resc_schedule=False, device="cpu")
+    yt = torch.from_numpy(y).long()
+    with torch.no_grad():
+        want = (tm(ref.perturb(_torch(x), yt)).argmax(1) == yt).float().mean().item()
+    got = float(np.mean(np.asarray(robust)))
+    print("square jax", got, "pyautoattack", want)
+    assert 0.2 < want < 0.9
+    assert abs(got - want) <= 0.01
 
 
 def _random_variables(shapes, seed: int):
