@@ -232,7 +232,7 @@ def markdown_rows(result: dict) -> str:
     ref = " / ".join(f"{s['robust_accuracy']:.3f}" for s in t["stages"]) if t else "-"
     speed = f"{t['seconds'] / j['seconds']:.2f}" if t else "-"
     lines.append(
-        f"| {a['model']} | {j['num_examples']} | {result['eps']:.4f} | {j['seconds']:.1f} | "
+        f"| {a['model']} | {j['num_examples']} | {result['eps']:.4f} | {j['seconds']:.2f} | "
         f"{j['first_call_s_incl_compile']:.1f} | {t['seconds'] if t else float('nan'):.1f} | "
         f"{speed} | {stages} | {ref} | "
         f"{'/'.join(f'{v:.1f}' for v in j['loadavg_before'])} |"

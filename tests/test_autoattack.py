@@ -400,6 +400,13 @@ def test_bad_settings_name_the_field(digits_model):
         autoattack.make_stage_fns(model, eps=EPS, mesh=mesh, norm="l1")
     with pytest.raises(ValueError, match="unknown"):
         autoattack.make_stage_fns(model, eps=EPS, mesh=mesh, version="custom", attacks=["pgd"])
+    with pytest.raises(ValueError, match="batch_size"):
+        autoattack.evaluate(model, {}, _EMPTY, eps=EPS, batch_size=0, mesh=mesh, key=None)
+    with pytest.raises(ValueError, match="no examples"):
+        autoattack.evaluate(model, {}, _EMPTY, eps=EPS, batch_size=8, mesh=mesh, key=None)
+
+
+_EMPTY = data.Split(np.zeros((0, 8, 8, 1), np.uint8), np.zeros((0,), np.int32))
 
 
 def test_benchmark_harness_writes_complete_json(tmp_path):

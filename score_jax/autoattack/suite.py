@@ -203,7 +203,8 @@ def evaluate(
 
     Returns {"clean_accuracy", "robust_accuracy", "stages": [{"attack", "robust_accuracy",
     "seconds"}, ...], "num_examples"}. Single-process: every host must hold the whole split.
-    `key` is raw PRNG key data (`train.base_key`).
+    `key` is raw PRNG key data (`train.base_key`). `stage_fns` (from `make_stage_fns`, whose
+    eps, norm and options are then the ones that run) skips compiling again.
     """
     if jax.process_count() != 1:
         raise ConfigError("autoattack.evaluate runs in a single process (jax.process_count() > 1)")
@@ -219,7 +220,12 @@ def evaluate(
         stage_fns = make_stage_fns(
             model, eps=eps, norm=norm, mesh=mesh, version=version, attacks=attacks, options=options
         )
+    missing = [k for k in ("clean", *names) if k not in stage_fns]
+    if missing:
+        raise ConfigError(f"autoattack stage_fns lacks {missing}")
     n = len(split) if num_examples == -1 else min(num_examples, len(split))
+    if n == 0:
+        raise ConfigError("autoattack: the split has no examples")
     buckets = _buckets(batch_size, devices)
     run = functools.partial(
         _run_on,
@@ -232,7 +238,7 @@ def evaluate(
     )
     index = np.arange(n)
     robust = run(stage_fns["clean"], index=index, stage=0)
-    clean = float(robust.mean()) if n else 0.0
+    clean = float(robust.mean())
     stages = []
     for s, name in enumerate(names, start=1):
         t0 = time.perf_counter()
