@@ -1,0 +1,296 @@
+"""AutoAttack "standard": score_jax.autoattack against pyautoattack, same CPU, weights, examples.
+
+Both run in this process, one after the other, on the same examples: the JAX suite
+(`autoattack.evaluate`, data-parallel over the devices; timed once with compilation and once
+compiled) and pyautoattack's `AutoAttack(version="standard")` on the PyTorch export
+(`torch_bridge.export_state_dict`), on `torch.get_num_threads()` threads. Rows:
+
+  python -m benchmarks.autoattack --model small-cnn --json /tmp/aa_digits.json
+  python -m benchmarks.autoattack --model wrn-16-4 --num-examples 16 --batch 16 \
+      --json /tmp/aa_wrn16.json
+
+small-cnn: configs/digits.py's shapes (width 32, hidden 128) trained `--train-steps` plain Adam
+steps on the digits, its 360 test images, eps 0.1. WRN: random weights at CIFAR shapes
+(32x32x3), uniform random images labelled by the model's own predictions (16 unless
+`--num-examples`), eps 8/255.
+`--n-iter`, `--n-queries`, `--n-targets` reduce both sides identically (harness tests only).
+"""
+
+import argparse
+import datetime
+import logging
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import torch
+
+from benchmarks import train_step as ts
+from score_jax import autoattack, data, models, train
+from score_jax.data import digits
+from score_jax.torch_bridge import build_torch_model, export_state_dict
+
+NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+def _random_variables(shapes, seed: int):
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name == "mean":
+            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        if name == "bias":
+            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
+        fan_in = int(np.prod(s.shape[:-1]))
+        return rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _train_digits(model, ds, steps: int, seed: int = 0) -> dict:
+    x = ds.train.images.astype(np.float32) / 255.0
+    y = ds.train.labels.astype(np.int32)
+    variables = model.init(jax.random.key(seed), x[:1], train=False)
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, stats, opt_state, xb, yb):
+        def loss(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd
+
+        (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
+
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = opt.init(params)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, len(y), 64)
+        params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx])
+    return {"params": params, "batch_stats": stats}
+
+
+def setup(args: argparse.Namespace):
+    """(flax model, variables, torch model, split, eps)."""
+    if args.model == "small-cnn":
+        ds = digits.load()
+        kw = dict(width=args.width, hidden=args.hidden, mean=ds.mean, std=ds.std)
+        model = models.get_model("small-cnn", 10, conv_impl=args.conv_impl, **kw)
+        variables = _train_digits(model, ds, args.train_steps)
+        split = ds.test
+        eps = 0.1 if args.eps is None else args.eps
+    else:
+        kw = {}
+        model = models.get_model(args.model, 10, conv_impl=args.conv_impl)
+        shape = (args.image_size, args.image_size, 3)
+        shapes = jax.eval_shape(
+            lambda: model.init(jax.random.key(0), np.zeros((1, *shape)), train=False)
+        )
+        variables = _random_variables(shapes, seed=1)
+        n = args.num_examples if args.num_examples > 0 else 16
+        images = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+        logits = jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, images / 255.0)
+        split = data.Split(images, np.asarray(np.argmax(logits, -1), np.int32))
+        eps = 8 / 255 if args.eps is None else args.eps
+    tm = build_torch_model(args.model, 10, **kw)
+    tm.load_state_dict(export_state_dict(args.model, variables), strict=True)
+    tm.eval()
+    if args.num_examples > 0:
+        split = data.Split(split.images[: args.num_examples], split.labels[: args.num_examples])
+    return model, variables, tm, split, eps
+
+
+def _options(args: argparse.Namespace) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if args.n_iter:
+        for name in ("apgd-ce", "apgd-t", "fab-t"):
+            out.setdefault(name, {})["n_iter"] = args.n_iter
+    if args.n_targets:
+        for name in ("apgd-t", "fab-t"):
+            out.setdefault(name, {})["n_target_classes"] = args.n_targets
+    if args.n_queries:
+        out["square"] = {"n_queries": args.n_queries}
+    return out
+
+
+def run_jax(args, model, variables, split, eps) -> dict[str, Any]:
+    mesh = train.make_mesh(jax.devices()[: args.devices] if args.devices else None)
+    options = _options(args)
+    fns = autoattack.make_stage_fns(model, eps=eps, norm=args.norm, mesh=mesh, options=options)
+    kw = dict(eps=eps, norm=args.norm, batch_size=args.batch, mesh=mesh, options=options)
+    kw["key"], kw["stage_fns"] = train.base_key(0), fns
+    load_before = ts.loadavg()
+    t0 = time.perf_counter()
+    autoattack.evaluate(model, variables, split, **kw)  # compiles every stage and bucket
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = autoattack.evaluate(model, variables, split, **kw)
+    seconds = time.perf_counter() - t0
+    return {
+        "devices": int(mesh.devices.size),
+        "first_call_s_incl_compile": first_s,
+        "seconds": seconds,
+        "clean_accuracy": result["clean_accuracy"],
+        "robust_accuracy": result["robust_accuracy"],
+        "stages": result["stages"],
+        "num_examples": result["num_examples"],
+        "peak_rss_mb": ts.peak_rss_mb(),
+        "loadavg_before": load_before,
+        "loadavg_after": ts.loadavg(),
+    }
+
+
+class _Log(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def run_torch(args, tm, split, eps) -> dict[str, Any]:
+    from pyautoattack.autoattack import AutoAttack
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    from pyautoattack.fab_pt import FABAttack_PT
+    from pyautoattack.square import SquareAttack
+
+    x = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)) / 255.0)
+    x, y = x.float(), torch.from_numpy(split.labels.astype(np.int64))
+    adversary = AutoAttack(tm, norm=NORMS[args.norm], eps=eps, version="standard", seed=0)
+    if args.n_iter or args.n_targets or args.n_queries:  # reduced settings (harness tests)
+        kw = dict(eps=eps, norm=NORMS[args.norm], device="cpu", seed=0)
+        n_iter, n_targets = args.n_iter or 100, args.n_targets or 9
+        adversary.apgd = APGDAttack(tm, n_restarts=1, n_iter=n_iter, **kw)
+        adversary.apgd_targeted = APGDAttack_targeted(
+            tm, n_restarts=1, n_iter=n_iter, n_target_classes=n_targets, **kw
+        )
+        adversary.fab = FABAttack_PT(
+            tm, n_restarts=1, n_iter=n_iter, n_target_classes=n_targets, **kw
+        )
+        adversary.square = SquareAttack(
+            tm, p_init=0.8, n_queries=args.n_queries or 5000, resc_schedule=False, **kw
+        )
+    handler = _Log()
+    logger = logging.getLogger("auto-attack")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    load_before = ts.loadavg()
+    t0 = time.perf_counter()
+    try:
+        adversary.run_standard_evaluation(x, y, batch_size=args.torch_batch)
+    finally:
+        logger.removeHandler(handler)
+    seconds = time.perf_counter() - t0
+    stages, clean, previous = [], None, 0.0
+    for line in handler.lines:
+        words = line.split()
+        if line.startswith("initial accuracy:"):
+            clean = float(words[2].rstrip("%")) / 100.0
+        if line.startswith("robust accuracy after "):
+            total = float(words[-2])  # "(total time T s)": cumulative
+            stages.append(
+                {
+                    "attack": words[3].rstrip(":").lower(),
+                    "robust_accuracy": float(words[4].rstrip("%")) / 100.0,
+                    "seconds": total - previous,
+                }
+            )
+            previous = total
+    return {
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "clean_accuracy": clean,
+        "robust_accuracy": stages[-1]["robust_accuracy"] if stages else clean,
+        "stages": stages,
+        "loadavg_before": load_before,
+        "loadavg_after": ts.loadavg(),
+    }
+
+
+def markdown_rows(result: dict) -> str:
+    a, j, t = result["args"], result["jax"], result["torch"]
+    stages = " / ".join(f"{s['robust_accuracy']:.3f}" for s in j["stages"])
+    lines = [
+        "| model | examples | eps | JAX s (compiled) | JAX s (1st, with compile) | PyTorch s | "
+        "speed-up | robust acc. per stage JAX | PyTorch | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = " / ".join(f"{s['robust_accuracy']:.3f}" for s in t["stages"]) if t else "-"
+    speed = f"{t['seconds'] / j['seconds']:.2f}" if t else "-"
+    lines.append(
+        f"| {a['model']} | {j['num_examples']} | {result['eps']:.4f} | {j['seconds']:.2f} | "
+        f"{j['first_call_s_incl_compile']:.1f} | {t['seconds'] if t else float('nan'):.1f} | "
+        f"{speed} | {stages} | {ref} | "
+        f"{'/'.join(f'{v:.1f}' for v in j['loadavg_before'])} |"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, variables, tm, split, eps = setup(args)
+    result: dict[str, Any] = {
+        "benchmark": "autoattack",
+        "date": datetime.date.today().isoformat(),
+        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": ts.machine_info(),
+        "versions": {"torch": torch.__version__, "jax": jax.__version__},
+        "args": vars(args),
+        "eps": eps,
+    }
+    result["jax"] = run_jax(args, model, variables, split, eps)
+    result["torch"] = None
+    if not args.no_torch:
+        result["torch"] = run_torch(args, tm, split, eps)
+        result["speedup_jax_over_torch"] = result["torch"]["seconds"] / result["jax"]["seconds"]
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small-cnn", choices=models.MODEL_NAMES)
+    parser.add_argument("--num-examples", type=int, default=-1, help="-1: the whole split")
+    parser.add_argument("--batch", type=int, default=360, help="JAX batch (devices divide it)")
+    parser.add_argument("--torch-batch", type=int, default=500)
+    parser.add_argument("--eps", type=float, default=None, help="default 0.1 digits, 8/255 WRN")
+    parser.add_argument("--norm", default="linf", choices=tuple(NORMS))
+    parser.add_argument("--width", type=int, default=32, help="small-cnn (configs/digits.py)")
+    parser.add_argument("--hidden", type=int, default=128, help="small-cnn (configs/digits.py)")
+    parser.add_argument("--train-steps", type=int, default=300, help="small-cnn Adam steps")
+    parser.add_argument("--image-size", type=int, default=32, help="WRN input side")
+    parser.add_argument("--conv-impl", default="xla", choices=ts.CONV_CHOICES)
+    parser.add_argument("--devices", type=int, default=0, help="first N devices (0: all)")
+    parser.add_argument("--n-iter", type=int, default=0, help="reduce APGD/FAB iterations")
+    parser.add_argument("--n-targets", type=int, default=0, help="reduce target classes")
+    parser.add_argument("--n-queries", type=int, default=0, help="reduce Square's queries")
+    parser.add_argument("--no-torch", action="store_true", help="skip pyautoattack")
+    parser.add_argument("--json", required=True, help="where to write the results")
+    args = parser.parse_args(argv)
+    if args.num_examples == 0 or args.num_examples < -1:
+        parser.error(f"--num-examples={args.num_examples}: -1 (all) or > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    ts.write(result, args.json)
+    print(markdown_rows(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,260 @@
+"""AutoAttack's "standard" version: APGD-CE, APGD-T, FAB-T, Square in sequence, data-parallel.
+
+As pyautoattack's `AutoAttack.run_standard_evaluation`: every stage runs only on the examples
+still robust after the previous ones, and the robust accuracy is reported after each stage.
+Between stages a host step gathers the still-robust examples and pads them to a fixed bucket
+(`batch_size`, or batch_size / 2^j for the last chunk), so each stage compiles once per bucket
+size. Example i's randomness comes from fold_in(fold_in(key, stage), i) with i its index in
+the split, and the model runs in eval mode (no batch coupling): the result does not depend on the
+device count or the batching, up to floating-point differences of the batched convolutions.
+Unlike the reference, a stage with no example left is still listed (at the same accuracy).
+
+    fns = make_stage_fns(model, eps=8/255, norm="linf", mesh=mesh)
+    result = evaluate(model, variables, split, eps=8/255, norm="linf", batch_size=256,
+                      mesh=mesh, key=train.base_key(0), stage_fns=fns)
+"""
+
+import functools
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from score_jax import data
+from score_jax.autoattack import apgd, fab, square
+from score_jax.errors import ConfigError
+from score_jax.train import AXIS, shard_batch
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+
+ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+VERSIONS = {"standard": ATTACKS}
+NORMS = ("linf", "l2")
+
+
+def run_attack(
+    name: str,
+    logits_fn: LogitsFn,
+    x: Array,
+    labels: Array,
+    key: Array,
+    *,
+    eps: float,
+    norm: str,
+    mask: Array | None = None,
+    **options,
+) -> tuple[Array, Array]:
+    """One stage by name with AutoAttack's standard settings, overridden by `options`
+    (e.g. n_iter, n_queries); returns (x_adv, robust)."""
+    if name == "apgd-ce":
+        return apgd.apgd_ce(logits_fn, x, labels, key, eps=eps, norm=norm, mask=mask, **options)
+    if name == "apgd-t":
+        return apgd.apgd_targeted(
+            logits_fn, x, labels, key, eps=eps, norm=norm, mask=mask, **options
+        )
+    if name == "fab-t":
+        return fab.fab_targeted(logits_fn, x, labels, eps=eps, norm=norm, mask=mask, **options)
+    if name == "square":
+        return square.square_attack(
+            logits_fn, x, labels, key, eps=eps, norm=norm, mask=mask, **options
+        )
+    raise ConfigError(f"unknown autoattack attack {name!r}; valid: {ATTACKS}")
+
+
+def resolve_attacks(version: str, attacks) -> tuple[str, ...]:
+    """The attack list of `version` ("standard"), or `attacks` for version "custom"."""
+    if version == "custom":
+        attacks = tuple(attacks or ())
+        if not attacks:
+            raise ConfigError("autoattack version='custom' needs a list of attacks")
+        bad = [a for a in attacks if a not in ATTACKS]
+        if bad:
+            raise ConfigError(f"autoattack attacks has unknown {bad}; valid: {ATTACKS}")
+        return attacks
+    if version not in VERSIONS:
+        raise ConfigError(f"autoattack version={version!r}; valid: standard, custom")
+    if attacks:
+        raise ConfigError(f"autoattack attacks is only used with version='custom', not {version!r}")
+    return VERSIONS[version]
+
+
+def _stage_step(variables, batch, *, model, name, eps, norm, options):
+    x = batch["image"].astype(jnp.float32) / 255.0
+
+    def logits_fn(inputs):
+        return model.apply(variables, inputs, train=False)
+
+    keys = jax.random.wrap_key_data(batch["key"])
+    _, robust = run_attack(
+        name, logits_fn, x, batch["label"], keys, eps=eps, norm=norm, mask=batch["mask"], **options
+    )
+    return robust
+
+
+def _clean_step(variables, batch, *, model):
+    x = batch["image"].astype(jnp.float32) / 255.0
+    logits = model.apply(variables, x, train=False)
+    return (jnp.argmax(logits, axis=-1) == batch["label"]) & (batch["mask"] > 0)
+
+
+def make_stage_fns(
+    model: nn.Module,
+    *,
+    eps: float,
+    norm: str = "linf",
+    mesh: Mesh,
+    version: str = "standard",
+    attacks=None,
+    options: dict[str, dict] | None = None,
+) -> dict[str, Callable]:
+    """{"clean": fn, attack: fn, ...}: jit(shard_map(...)) of each stage, mapping (variables,
+    batch with image/label/mask/key) to per-example robust flags. Reuse them across calls of
+    `evaluate` so that nothing recompiles."""
+    if norm not in NORMS:
+        raise ConfigError(f"autoattack norm must be one of {NORMS}, got {norm!r}")
+    if eps <= 0:
+        raise ConfigError(f"autoattack eps must be > 0, got {eps}")
+    names = resolve_attacks(version, attacks)
+    options = options or {}
+    bad = [k for k in options if k not in names]
+    if bad:
+        raise ConfigError(f"autoattack options for attacks not run: {bad}")
+
+    def wrap(fn):
+        return jax.jit(
+            jax.shard_map(
+                fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
+            )
+        )
+
+    fns = {"clean": wrap(functools.partial(_clean_step, model=model))}
+    for name in names:
+        step = functools.partial(
+            _stage_step,
+            model=model,
+            name=name,
+            eps=eps,
+            norm=norm,
+            options=dict(options.get(name, {})),
+        )
+        fns[name] = wrap(step)
+    return fns
+
+
+def _buckets(batch_size: int, devices: int) -> list[int]:
+    """batch_size, batch_size/2, ... while divisible by the device count."""
+    out = [batch_size]
+    while out[-1] % 2 == 0 and (out[-1] // 2) % devices == 0 and out[-1] // 2 >= devices:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _example_keys(key: np.ndarray, stage: int, index: np.ndarray) -> np.ndarray:
+    base = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(key)), stage)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(index))
+    return np.asarray(jax.random.key_data(keys))
+
+
+def _run_on(fn, variables, split, index, batch_size, buckets, mesh, key, stage) -> np.ndarray:
+    """Robust flags of fn on split[index], in chunks of batch_size (the last padded to a bucket)."""
+    out = np.zeros((len(index),), bool)
+    for start in range(0, len(index), batch_size):
+        idx = index[start : start + batch_size]
+        size = min(b for b in buckets if b >= len(idx))
+        pad = size - len(idx)
+        batch = {
+            "image": np.concatenate(
+                [split.images[idx], np.zeros((pad, *split.images.shape[1:]), np.uint8)]
+            ),
+            "label": np.concatenate([split.labels[idx], np.zeros((pad,), np.int32)]).astype(
+                np.int32
+            ),
+            "mask": np.concatenate([np.ones((len(idx),)), np.zeros((pad,))]).astype(np.float32),
+            "key": _example_keys(key, stage, np.concatenate([idx, np.zeros((pad,), idx.dtype)])),
+        }
+        robust = fn(variables, shard_batch(batch, mesh))
+        out[start : start + len(idx)] = np.asarray(robust)[: len(idx)]
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    variables: dict,
+    split: data.Split,
+    *,
+    eps: float,
+    norm: str = "linf",
+    version: str = "standard",
+    batch_size: int,
+    mesh: Mesh,
+    key: np.ndarray,
+    attacks=None,
+    num_examples: int = -1,
+    options: dict[str, dict] | None = None,
+    stage_fns: dict[str, Callable] | None = None,
+) -> dict:
+    """AutoAttack robust accuracy of `variables` on the first `num_examples` of `split` (-1: all).
+
+    Returns {"clean_accuracy", "robust_accuracy", "stages": [{"attack", "robust_accuracy",
+    "seconds"}, ...], "num_examples"}. Single-process: every host must hold the whole split.
+    `key` is raw PRNG key data (`train.base_key`). `stage_fns` (from `make_stage_fns`, whose
+    eps, norm and options are then the ones that run) skips compiling again.
+    """
+    if jax.process_count() != 1:
+        raise ConfigError("autoattack.evaluate runs in a single process (jax.process_count() > 1)")
+    names = resolve_attacks(version, attacks)
+    devices = mesh.devices.size
+    if batch_size <= 0 or batch_size % devices:
+        raise ConfigError(
+            f"autoattack batch_size={batch_size} must be a positive multiple of {devices}"
+        )
+    if num_examples == 0 or num_examples < -1:
+        raise ConfigError(f"autoattack num_examples={num_examples}: -1 (all) or > 0")
+    if stage_fns is None:
+        stage_fns = make_stage_fns(
+            model, eps=eps, norm=norm, mesh=mesh, version=version, attacks=attacks, options=options
+        )
+    missing = [k for k in ("clean", *names) if k not in stage_fns]
+    if missing:
+        raise ConfigError(f"autoattack stage_fns lacks {missing}")
+    n = len(split) if num_examples == -1 else min(num_examples, len(split))
+    if n == 0:
+        raise ConfigError("autoattack: the split has no examples")
+    buckets = _buckets(batch_size, devices)
+    run = functools.partial(
+        _run_on,
+        variables=variables,
+        split=split,
+        batch_size=batch_size,
+        buckets=buckets,
+        mesh=mesh,
+        key=key,
+    )
+    index = np.arange(n)
+    robust = run(stage_fns["clean"], index=index, stage=0)
+    clean = float(robust.mean())
+    stages = []
+    for s, name in enumerate(names, start=1):
+        t0 = time.perf_counter()
+        alive = index[robust]
+        if len(alive):
+            robust[alive] = run(stage_fns[name], index=alive, stage=s)
+        stages.append(
+            {
+                "attack": name,
+                "robust_accuracy": float(robust.sum()) / n,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    return {
+        "clean_accuracy": clean,
+        "robust_accuracy": stages[-1]["robust_accuracy"] if stages else clean,
+        "stages": stages,
+        "num_examples": n,
+    }
