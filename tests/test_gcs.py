@@ -183,11 +183,17 @@ def _scalars(event_file: bytes) -> list[tuple[int, str, float]]:
 
 
 def test_summary_writer(base):
-    writer = workdir_io.summary_writer(workdir_io.join(base, "tensorboard"))
-    for step in (1, 2, 3):
-        writer.add_scalar("train/loss", step / 4, step)
-        writer.flush()
-    writer.close()
+    # In a subprocess, as in a run: tensorboardX's GCS writer uploads its file once more at
+    # interpreter exit (atexit, __del__), which must happen while the emulator is up.
+    code = (
+        "import sys; from score_jax import workdir_io as w\n"
+        "writer = w.summary_writer(w.join(sys.argv[1], 'tensorboard'))\n"
+        "for step in (1, 2, 3):\n"
+        "    writer.add_scalar('train/loss', step / 4, step)\n"
+        "    writer.flush()\n"
+        "writer.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, base], check=True, timeout=120)
     (name,) = raw_names(f"{base}/tensorboard")
     assert name.startswith("events.out.tfevents.")
     scalars = _scalars(raw_bytes(f"{base}/tensorboard/{name}"))
@@ -225,6 +231,19 @@ def test_object_lock(gcs_bucket):
         assert json.loads(raw_bytes(path))["pid"] == os.getpid()
     with pytest.raises(ValueError, match="is local"):
         workdir_io.ObjectLock("/tmp/run/.lock")
+
+
+def test_object_lock_race(gcs_bucket, monkeypatch):
+    """Two runs both see no lock object; the create-only write lets exactly one of them on."""
+    path = f"{gcs_bucket}/race-{uuid.uuid4().hex[:8]}/.lock"
+    first, second = workdir_io.ObjectLock(path), workdir_io.ObjectLock(path)
+    seen = {}
+    monkeypatch.setattr(second, "holder", lambda: seen.setdefault("checked", None))
+    first.acquire()  # after `second` checked, before it writes
+    with pytest.raises(WorkdirError, match=f"in use by another run .*{path}"):
+        second.acquire()
+    assert json.loads(raw_bytes(path)) == first.owner  # not overwritten
+    first.release()
 
 
 def test_subprocess_writes_are_seen(gcs_bucket):
