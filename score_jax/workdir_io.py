@@ -2,8 +2,9 @@
 
 Everything a run writes or reads in its workdir (config.json, metrics.jsonl, TensorBoard, results,
 exports, the lock) goes through these functions; orbax takes the same `epath.Path` for checkpoints.
-A local path is made absolute; a path with a scheme (`gs://bucket/run`) is remote and goes through
-etils' fsspec backend (gcsfs for `gs://`, which etils uses when TensorFlow is not installed).
+A local path is made absolute; a path with a scheme (`gs://bucket/run`) is remote. Remote reads and
+writes go through etils (gcsfs for `gs://`; tf.io.gfile instead where TensorFlow is installed);
+uploads, the lock and the listing-cache handling use gcsfs directly (`pip install -e ".[gcs]"`).
 
 What an object store lacks, and what this module does instead:
 - No rename: `write_*_atomic` write a remote object directly. One object write is already atomic
