@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 
+import jax
 import numpy as np
 import pytest
 
@@ -270,25 +271,17 @@ def _train_state_like():
         "head": {"kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.bfloat16)},
     }
     opt_state = optax.sgd(0.1, momentum=0.9).init(params)
-    opt_state = jax_tree_map(lambda x: x + 0.25, opt_state)
+    opt_state = jax.tree.map(lambda x: x + 0.25, opt_state)
     return {
         "step": jnp.int32(7),
         "params": params,
-        "ema_params": jax_tree_map(lambda x: x * 0.5, params),
+        "ema_params": jax.tree.map(lambda x: x * 0.5, params),
         "batch_stats": {"bn": {"mean": jnp.arange(8.0), "var": jnp.full((8,), 2.0)}},
         "opt_state": opt_state,
     }
 
 
-def jax_tree_map(f, tree):
-    import jax
-
-    return jax.tree.map(f, tree)
-
-
 def _assert_bit_identical(restored, reference) -> None:
-    import jax
-
     flat_r, tree_r = jax.tree.flatten(restored)
     flat_e, tree_e = jax.tree.flatten(reference)
     assert tree_r == tree_e
