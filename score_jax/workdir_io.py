@@ -29,7 +29,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from etils import epath
@@ -259,14 +259,27 @@ class MetricsLog:
         """Every record logged so far (including unflushed remote ones)."""
         return self._records(self._lines if self._lines is not None else self._load()[1])
 
-    def truncate_after(self, step: int) -> None:
-        """Drops the records of steps after `step` (logged before a crash, to be logged again)."""
+    def retain(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Keeps the records for which `keep(record)` is true, rewriting the file if that drops
+        any (or a torn last line). Remote: rewrite through the instance that appends, or its next
+        rewrite brings the dropped lines back from its memory."""
+        if self.remote and self._lines is not None:
+            lines = self._lines
+            self._lines = [ln for ln, r in zip(lines, self._records(lines), strict=True) if keep(r)]
+            if self._lines != lines or self._dirty:
+                self._dirty = True
+                self.flush()
+            return
         text, lines = self._load()
-        kept = [ln for ln, r in zip(lines, self._records(lines), strict=True) if r["step"] <= step]
+        kept = [ln for ln, r in zip(lines, self._records(lines), strict=True) if keep(r)]
         if "".join(kept) != text:
             write_text_atomic(self.path, "".join(kept))
         if self.remote:
             self._lines = kept
+
+    def truncate_after(self, step: int) -> None:
+        """Drops the records of steps after `step` (logged before a crash, to be logged again)."""
+        self.retain(lambda record: record["step"] <= step)
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True) + "\n"

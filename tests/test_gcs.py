@@ -148,6 +148,19 @@ def test_metrics_log_resume(base):
     assert workdir_io.MetricsLog(path).read() == expected
 
 
+def test_metrics_log_retain_through_the_appending_instance(base):
+    """A run's writer appends, drops the lines of an earlier test evaluation, appends again:
+    what it dropped stays dropped (remote: its in-memory lines are what it rewrites)."""
+    path = f"{base}/metrics.jsonl"
+    workdir_io.write_text_atomic(path, '{"step": 5, "test/acc": 0.1}\n')
+    log = workdir_io.MetricsLog(path)
+    log.append({"step": 6, "train/loss": 1.0})
+    log.retain(lambda r: not any(k.startswith("test/") for k in r))
+    log.append({"step": 6, "test/acc": 0.2})
+    log.close()
+    assert raw_bytes(path) == b'{"step": 6, "train/loss": 1.0}\n{"step": 6, "test/acc": 0.2}\n'
+
+
 def test_metrics_log_torn_and_corrupt_lines(base):
     path = f"{base}/metrics.jsonl"
     # A write cut short by a crash leaves a torn last line: dropped, the rest kept.
