@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from score_jax import workdir_io
+
 # Config fields that define a run's trajectory: a checkpoint written under other values of these
 # is not resumed (unless config.resume_ignore_mismatch).
 FINGERPRINT_FIELDS = (
@@ -59,8 +61,9 @@ def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list
 
 
 def exists(workdir: str) -> bool:
-    """Whether workdir holds a checkpoint directory (checked without creating anything)."""
-    return any(os.path.isdir(os.path.join(workdir, sub)) for sub in ("checkpoints", "best"))
+    """Whether workdir (local or gs://) holds a checkpoint directory (checked without creating
+    anything)."""
+    return any(workdir_io.is_dir(workdir_io.join(workdir, sub)) for sub in ("checkpoints", "best"))
 
 
 class Checkpointer:
@@ -69,7 +72,7 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
         def manager(sub: str, max_to_keep: int) -> ocp.CheckpointManager:
             return ocp.CheckpointManager(
-                os.path.join(os.path.abspath(workdir), sub),
+                workdir_io.join(workdir, sub),
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
                 item_names=("state", "meta"),
             )

@@ -324,11 +324,6 @@ def test_orbax_on_gcs(gcs_bucket):
     assert any(n.startswith("3/") for n in raw_names(f"{workdir}/checkpoints"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint.py passes os.path.abspath(workdir) to orbax, which turns gs://bucket/run "
-    "into <cwd>/gs:/bucket/run; /tmp/gcs_checkpoint.patch fixes it (then remove this mark)",
-)
 def test_checkpointer_on_gcs(gcs_bucket, tmp_path, monkeypatch):
     from score_jax import checkpoint
 
