@@ -7,8 +7,8 @@ import socket
 import subprocess
 import sys
 
-import chex
 import jax
+import numpy as np
 import pytest
 from cli_helpers import OVERRIDES, REPO, digits_tiny_config
 
@@ -62,6 +62,12 @@ def _final_state(workdir):
     return jax.device_get(state)
 
 
+def _distance(x, y) -> float:
+    """The L2 distance between two pytrees of the same structure."""
+    leaves = zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)
+    return float(np.sqrt(sum(np.sum((np.asarray(u) - np.asarray(v)) ** 2) for u, v in leaves)))
+
+
 def _process_flags(port: int, i: int) -> list[str]:
     return [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
 
@@ -85,8 +91,17 @@ def test_two_processes_match_one_process(tmp_path):
         assert sorted(os.listdir(multi / "export")) == ["model.json", "model.pt"]
     a, b = _final_state(multi), _final_state(single)
     assert int(a.step) == int(b.step) == 3
-    chex.assert_trees_all_close(a.params, b.params, atol=2e-5, rtol=1e-4)
-    chex.assert_trees_all_close(a.batch_stats, b.batch_stats, atol=2e-5, rtol=1e-4)
-    chex.assert_trees_all_close(a.ema_params, b.ema_params, atol=2e-5, rtol=1e-4)
+    init = jax.device_get(trainer.Setup(digits_tiny_config(), str(single)).initial_state())
+    for name in ("params", "ema_params", "batch_stats"):
+        # The gloo all-reduce sums in another order than the in-process one; PGD's sign steps
+        # turn those float32 roundings into a different adversarial example now and then. So
+        # the runs agree to ~1% of the distance travelled from the initial state (measured on
+        # the 2-core Intel Xeon: 0.7% for params; 4e-6 with the attack off), where a wrong
+        # split of the batch or of the statistics moves it by tens of percent.
+        diff, travelled = (
+            _distance(getattr(a, name), getattr(b, name)),
+            _distance(getattr(b, name), getattr(init, name)),
+        )
+        assert diff <= 0.03 * travelled, (name, diff, travelled)
     with open(multi / trainer.METRICS_FILE) as f:
         assert len(f.readlines()) > 0  # written once, by process 0
