@@ -106,6 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
             lr_decay_factor=0.1,
             warmup_fraction=0.025,
             warmup_div=25.0,
+            # one_cycle: final lr = lr / warmup_div / final_div_factor (PyTorch OneCycleLR).
+            final_div_factor=1e4,
+            # "step" | "epoch": the schedules advance per step or once per epoch (PyTorch).
+            schedule_unit="step",
+            # one_cycle: momentum max_momentum -> base_momentum (lr peak) -> max_momentum.
+            cycle_momentum=False,
+            base_momentum=0.85,
+            max_momentum=0.95,
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decay=0.995, warmup_fraction=0.025))
@@ -147,10 +155,15 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.eval_batch_size = 512
     c.num_epochs = 400
     c.optim.learning_rate = 0.2
-    c.optim.schedule = "cyclic_cosine"
+    c.optim.schedule = "one_cycle"  # OneCycleLR(max_lr=lr, pct_start=0.025, total_steps=epochs)
+    c.optim.schedule_unit = "epoch"  # stepped once per epoch, as the reference
     c.optim.warmup_fraction = 0.025
     c.optim.warmup_div = 25.0
-    c.optim.momentum = 0.9
+    c.optim.final_div_factor = 1e4
+    c.optim.cycle_momentum = True  # 0.95 -> 0.85 -> 0.95 (OneCycleLR's default)
+    c.optim.base_momentum = 0.85
+    c.optim.max_momentum = 0.95
+    c.optim.momentum = 0.9  # unused while cycle_momentum
     c.optim.nesterov = True
     c.optim.weight_decay = 5e-4
     c.optim.weight_decay_batchnorm = False
@@ -257,6 +270,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _require(
         config.optim.learning_rate > 0,
         f"config.optim.learning_rate={config.optim.learning_rate} must be > 0",
+    )
+    _require(
+        config.optim.schedule_unit in optim.SCHEDULE_UNITS,
+        f"config.optim.schedule_unit={config.optim.schedule_unit!r}; valid: {optim.SCHEDULE_UNITS}",
+    )
+    _require(
+        config.optim.final_div_factor > 0,
+        f"config.optim.final_div_factor={config.optim.final_div_factor} must be > 0",
+    )
+    _require(
+        not config.optim.cycle_momentum or config.optim.schedule == "one_cycle",
+        "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
+    )
+    _require(
+        0 <= config.optim.base_momentum <= config.optim.max_momentum < 1,
+        f"config.optim.base_momentum={config.optim.base_momentum} and max_momentum="
+        f"{config.optim.max_momentum} must satisfy 0 <= base <= max < 1",
     )
     _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must lie in [0, 1)")
     _require(

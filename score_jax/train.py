@@ -199,6 +199,7 @@ def train_step(
     learning_rate_fn: optax.Schedule,
     ema_warmup_steps: int,
     sync_batch_stats: bool,
+    momentum_fn: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on this device's part of the batch: augment, attack, loss, update, EMA.
 
@@ -224,6 +225,8 @@ def train_step(
     metrics = jax.lax.pmean({"loss": loss, **aux}, AXIS)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_fn(state.step)
+    if momentum_fn is not None:
+        metrics["momentum"] = momentum_fn(state.step)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite.astype(jnp.float32)
     new_state = update(state, grads, batch_stats, config.ema.decay, ema_warmup_steps)
@@ -237,8 +240,12 @@ def compile_train_step(
     learning_rate_fn: optax.Schedule,
     ema_warmup_steps: int,
     mesh: Mesh,
+    momentum_fn: optax.Schedule | None = None,
 ):
-    """jit(shard_map(train_step)) over `mesh`: state replicated, batch split on "batch"."""
+    """jit(shard_map(train_step)) over `mesh`: state replicated, batch split on "batch".
+
+    `learning_rate_fn` and `momentum_fn` (optional) are logged as metrics; the optimizer in the
+    state applies its own."""
     sync = bool(config.sync_batch_stats)
     step = functools.partial(
         train_step,
@@ -247,6 +254,7 @@ def compile_train_step(
         learning_rate_fn=learning_rate_fn,
         ema_warmup_steps=ema_warmup_steps,
         sync_batch_stats=sync,
+        momentum_fn=momentum_fn,
     )
     # check_vma=False gives pmap semantics: a replicated input's gradient is per-device (not
     # implicitly summed), so the explicit pmean above is the only reduction.
