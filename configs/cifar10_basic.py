@@ -28,6 +28,7 @@ def get_config(variant: str = "trades-se"):
     c.dataset.name = "cifar10"
     c.dataset.num_validation = 1024
     c.model.name = "preact-resnet-18"
+    c.model.init_scheme = "torch"  # PyTorch's default init, as without_DDPM/preactresnet.py
     c.batch_size = 128
     c.num_epochs = 110
     c.optim.schedule = "piecewise"

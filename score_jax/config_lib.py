@@ -73,12 +73,20 @@ def base_config() -> ml_collections.ConfigDict:
             validation_order="auto",
             ddpm_path="",
             real_fraction=1.0,
+            epoch_size=0,  # examples per epoch (steps = ceil(epoch_size / batch)); 0: train split
         )
     )
     c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True))
     c.model = ml_collections.ConfigDict(
         # activation "" = the model's default (SiLU for WRNs, ReLU otherwise).
-        dict(name="preact-resnet-18", activation="", conv_impl="auto", dtype="float32")
+        # init_scheme "torch": PyTorch's default initialisation (the basic setting's reference).
+        dict(
+            name="preact-resnet-18",
+            activation="",
+            conv_impl="auto",
+            dtype="float32",
+            init_scheme="default",
+        )
     )
     c.loss = ml_collections.ConfigDict(
         dict(
@@ -149,6 +157,7 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.dataset.num_validation = 1024
     c.dataset.ddpm_path = ""  # required: the generated .npz
     c.dataset.real_fraction = real_fraction
+    c.dataset.epoch_size = 50000  # the reference counts all 50000 images (validation included)
     c.model.name = "wrn-70-16" if "wrn-70-16" in options else "wrn-28-10"
     c.model.activation = "silu"
     c.batch_size = 512
@@ -213,6 +222,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ValueError with one line naming the first bad field."""
+    from score_jax import models
     from score_jax.models import MODEL_NAMES
 
     lc, ac = config.loss, config.attack
@@ -299,11 +309,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",
     )
     _require(
+        config.dataset.epoch_size >= 0,
+        f"config.dataset.epoch_size={config.dataset.epoch_size} must be >= 0",
+    )
+    _require(
         config.best_by in ("ema", "raw"), f"config.best_by={config.best_by!r}; valid: ema, raw"
     )
     _require(
         config.checkpoint_every_steps > 0,
         f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0",
+    )
+    _require(
+        config.model.init_scheme in models.INIT_SCHEMES,
+        f"config.model.init_scheme={config.model.init_scheme!r}; valid: {models.INIT_SCHEMES}",
     )
     _require(
         config.model.dtype in ("float32", "bfloat16"),

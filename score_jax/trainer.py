@@ -164,7 +164,11 @@ class Setup:
         config_lib.validate(config, num_devices=self.mesh.size)
         self.dataset = data.get_dataset(config.dataset)
         self.batcher = data.TrainBatcher(
-            self.dataset, config.batch_size, config.seed, config.dataset.real_fraction
+            self.dataset,
+            config.batch_size,
+            config.seed,
+            config.dataset.real_fraction,
+            epoch_size=config.dataset.epoch_size,
         )
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.total_steps = total_steps(config, self.steps_per_epoch)

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from score_jax import config_lib, optim  # noqa: E402
+from score_jax.data import Dataset, Split, TrainBatcher  # noqa: E402
 
 CONFIGS = "configs"
 
@@ -111,3 +112,26 @@ def test_optax_trajectory_equals_torch_sgd_with_cycling_momentum():
         sched.step()
     assert len(moms) >= 5  # the momentum really changed from epoch to epoch
     np.testing.assert_allclose(np.stack(ours), np.stack(theirs), rtol=1e-5, atol=1e-6)
+
+
+def test_ddpm_epoch_counts_the_full_50000_images():
+    """The reference's epoch is ceil(50000 / batch) iterations although 1024 images are held out:
+    48976 training images at batch 512 give 98 steps, not ceil(48976 / 512) = 96."""
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    n = 50000 - config.dataset.num_validation
+    images = np.zeros((n, 1, 1, 1), np.uint8)
+    train = Split(images, np.zeros((n,), np.int32))
+    ds = Dataset("fake", 10, (1, 1, 1), (0.5,), (0.5,), train, train, train, generated=train)
+    kw = dict(process_index=0, process_count=1)
+    batcher = TrainBatcher(
+        ds,
+        config.batch_size,
+        0,
+        config.dataset.real_fraction,
+        **kw,
+        epoch_size=config.dataset.epoch_size,
+    )
+    assert batcher.steps_per_epoch == math.ceil(50000 / 512) == 98
+    assert TrainBatcher(ds, 512, 0, 0.3, **kw).steps_per_epoch == 96  # option: the split's size
+    with pytest.raises(ValueError, match="config.dataset.epoch_size"):
+        TrainBatcher(ds, 512, 0, 0.3, **kw, epoch_size=-1)
