@@ -7,4 +7,6 @@ from score_jax import config_lib
 
 
 def get_config(variant: str = ""):
-    return config_lib.ddpm_config("cifar100", 0.4, variant)
+    c = config_lib.ddpm_config("cifar100", 0.4, variant)
+    c.augment.rotation_degrees = 15.0  # RandomRotation(15) after crop and flip (cifar100s.py)
+    return c

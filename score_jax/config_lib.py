@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
             epoch_size=0,  # examples per epoch (steps = ceil(epoch_size / batch)); 0: train split
         )
     )
-    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True))
+    # rotation_degrees: random rotation U(-d, d) after crop and flip (RandomRotation(d)); 0: off.
+    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, rotation_degrees=0.0))
     c.model = ml_collections.ConfigDict(
         # activation "" = the model's default (SiLU for WRNs, ReLU otherwise).
         # init_scheme "torch": PyTorch's default initialisation (the basic setting's reference).
@@ -307,6 +308,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _require(
         0.0 < config.dataset.real_fraction <= 1.0,
         f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",
+    )
+    _require(
+        0 <= config.augment.rotation_degrees <= 180,
+        f"config.augment.rotation_degrees={config.augment.rotation_degrees} must lie in [0, 180]",
     )
     _require(
         config.dataset.epoch_size >= 0,

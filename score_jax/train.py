@@ -213,7 +213,11 @@ def train_step(
     )
     x = batch["image"].astype(jnp.float32) / 255.0
     x = data.augment(
-        x, aug_keys, crop_padding=config.augment.crop_padding, flip=config.augment.flip
+        x,
+        aug_keys,
+        crop_padding=config.augment.crop_padding,
+        flip=config.augment.flip,
+        rotation_degrees=config.augment.rotation_degrees,
     )
     labels = batch["label"]
     x_adv = adversarial_examples(model, config, state, x, labels, attack_keys)
