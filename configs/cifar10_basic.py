@@ -49,6 +49,9 @@ def get_config(variant: str = "trades-se"):
     else:
         c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
     c.attack.init = "uniform" if loss_type == "pgd_at" else "normal"
+    # train_cifar.py: TRADES attacks in model.eval(); PGD-AT's attack stays in train mode, so
+    # each of its passes updates the running averages.
+    c.attack.batchnorm = "batch_update" if loss_type == "pgd_at" else "eval"
     # Selection as the reference: every epoch, min of PGD-10 (CE) and PGD-10 (the training
     # divergence) accuracies of the raw parameters, both from a uniform start, a new best on >.
     c.eval.pgd.num_steps = 10

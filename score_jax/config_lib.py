@@ -100,7 +100,17 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.attack = ml_collections.ConfigDict(
-        dict(norm="linf", eps=CIFAR10_EPS, step_size=2 / 255, num_steps=10, init="normal")
+        dict(
+            norm="linf",
+            eps=CIFAR10_EPS,
+            step_size=2 / 255,
+            num_steps=10,
+            init="normal",
+            # BatchNorm in the attack's passes: "batch_frozen" | "eval" | "batch_update".
+            batchnorm="batch_frozen",
+            # L2 step: "ball_then_box" | "box_then_ball" (the reference's trades_loss_LSE).
+            l2_rule="ball_then_box",
+        )
     )
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -185,21 +195,28 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.loss.clip_c = None
     c.loss.label_smoothing = 0.0
     c.attack.num_steps = 10
-    c.attack.init = "normal"
+    c.attack.batchnorm = "batch_frozen"  # train mode, running averages not tracked (trades.py)
     if "l2" in options:
-        c.attack.norm, c.attack.eps, c.attack.step_size = "l2", 128 / 255, 16 / 255
+        # trades_loss_LSE's L2 loop: 0.001 N(0,1) start, lr 2 eps / steps, box then renorm.
+        c.attack.norm, c.attack.eps = "l2", 128 / 255
+        c.attack.step_size = 2 * c.attack.eps / c.attack.num_steps
+        c.attack.init, c.attack.l2_rule = "normal", "box_then_ball"
     else:
+        # x + U(-eps, eps) clamped to [0, 1], then sign steps of 2/255.
         c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
+        c.attack.init = "uniform"
+    # Evaluation keeps its steps of 2/255 (16/255 for L2); the training L2 step is 2 eps / steps.
+    eval_step = 16 / 255 if "l2" in options else 2 / 255
     # The reference's validation: PGD-40 on its CW loss, uniform start, of the EMA, every
     # epoch, a new best on >=.
     del c.eval.pgd
     c.eval.pgd_cw = pgd_evaluator(
-        c.attack, objective="cw_clamped", num_steps=40, step_size=c.attack.step_size
+        c.attack, objective="cw_clamped", num_steps=40, step_size=eval_step
     )
     c.eval.select_by = ("pgd_cw",)
     c.eval.select_ties = "later"
     c.test.pgd.num_steps = 20
-    c.test.pgd.step_size = c.attack.step_size
+    c.test.pgd.step_size = eval_step
     c.best_by = "ema"
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 2000
@@ -223,7 +240,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ValueError with one line naming the first bad field."""
-    from score_jax import models
+    from score_jax import models, train
     from score_jax.models import MODEL_NAMES
 
     lc, ac = config.loss, config.attack
@@ -273,6 +290,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     )
     _require(ac.init in attacks.INITS, f"config.attack.init={ac.init!r}; valid: {attacks.INITS}")
     _require(ac.eps >= 0, f"config.attack.eps={ac.eps} must be >= 0")
+    _require(
+        ac.batchnorm in train.ATTACK_BATCHNORM,
+        f"config.attack.batchnorm={ac.batchnorm!r}; valid: {train.ATTACK_BATCHNORM}",
+    )
+    _require(
+        ac.l2_rule in attacks.L2_RULES,
+        f"config.attack.l2_rule={ac.l2_rule!r}; valid: {attacks.L2_RULES}",
+    )
     _require(ac.norm in attacks.NORMS, f"config.attack.norm={ac.norm!r}; valid: {attacks.NORMS}")
     _require(
         config.optim.schedule in optim.SCHEDULES,
