@@ -1,4 +1,6 @@
-"""The DDPM setting on CIFAR-100: as configs/cifar10_ddpm.py, with real fraction 0.4 (beta 4).
+"""The DDPM setting on CIFAR-100: as configs/cifar10_ddpm.py, with real fraction 0.4 (beta 4)
+and the reference's extra augmentation: a random rotation U(-15, 15) degrees (torchvision
+RandomRotation(15): nearest, zero fill) after crop and flip, for real and generated images.
 
 Set `--config.dataset.ddpm_path` to the CIFAR-100 generated .npz.
 """
