@@ -38,7 +38,7 @@ def one_cycle(
     The peak is at w = pct_start * total - 1 (a float, as PyTorch computes it); with
     a(s, e, pct) = e + (s - e) (1 + cos(pi pct)) / 2 the value is a(initial, peak, t / w) for
     t <= w, else a(peak, final, (t - w) / (total - 1 - w)). Written as
-    e + (s - e) sin^2(pi (1 - pct) / 2), exact in float32 also near the end of a phase.
+    e + (s - e) sin^2(pi (1 - pct) / 2): float32-accurate also near the end of a phase.
     Units past the end keep the last value.
     """
     w = float(pct_start * total) - 1.0
