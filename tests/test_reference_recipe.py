@@ -375,3 +375,33 @@ def test_basic_pgd_at_running_stats_equal_reference_after_one_step():
     contrast = _torch_pgd_at_step_stats(contrast_model, *args, attack_updates=False)
     k = "bn_0.running_mean" if "bn_0.running_mean" in contrast else sorted(contrast)[0]
     assert np.abs(contrast[k] - expected[k]).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "path,variant,expected",
+    [
+        ("cifar10_ddpm.py", "", dict(init="uniform", batchnorm="batch_frozen", rotation=0.0)),
+        ("cifar10_ddpm.py", "l2", dict(init="normal", l2_rule="box_then_ball", rotation=0.0)),
+        ("cifar100_ddpm.py", "", dict(init="uniform", batchnorm="batch_frozen", rotation=15.0)),
+        ("cifar10_basic.py", "trades-se", dict(init="normal", batchnorm="eval", torch_init=True)),
+        ("cifar10_basic.py", "pgd_at-kl", dict(init="uniform", batchnorm="batch_update")),
+    ],
+)
+def test_configs_carry_the_reference_recipe(path, variant, expected):
+    """DESIGN.md section 8, field by field."""
+    c = config_lib.load_config_file(f"{CONFIGS}/{path}", variant)
+    config_lib.validate(c)
+    assert c.attack.init == expected["init"]
+    assert c.attack.batchnorm == expected.get("batchnorm", "batch_frozen")
+    assert c.attack.l2_rule == expected.get("l2_rule", "ball_then_box")
+    assert c.augment.rotation_degrees == expected.get("rotation", 0.0)
+    assert (c.model.init_scheme == "torch") == expected.get(
+        "torch_init", path == "cifar10_basic.py"
+    )
+    if "ddpm" in path:
+        assert (c.optim.schedule, c.optim.schedule_unit, c.optim.cycle_momentum) == (
+            "one_cycle",
+            "epoch",
+            True,
+        )
+        assert c.dataset.epoch_size == 50000
