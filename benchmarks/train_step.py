@@ -357,7 +357,7 @@ def jax_breakdown(bench: Bench, state, host_batch: dict, steps: int, warmup: int
     forward_eval = jax.jit(
         lambda st, x: model.apply({"params": st.params, "batch_stats": st.batch_stats}, x, False)
     )
-    attack = jax.jit(lambda st, x: train.adversarial_examples(model, c, st, x, labels, keys))
+    attack = jax.jit(lambda st, x: train.adversarial_examples(model, c, st, x, labels, keys)[0])
 
     @jax.jit
     def loss_grad(st, x_adv):

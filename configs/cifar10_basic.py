@@ -3,10 +3,13 @@
 Variants pick the row: `--config configs/cifar10_basic.py:<type>-<kind>[-clip][-l2]`, e.g.
 `pgd_at-kl` (Madry), `pgd_at-se`, `pgd_at-se-clip`, `trades-kl`, `trades-se` (default),
 `trades-se-clip`, `pgd_at-js_dist` (Table 1), `trades-se-l2` (L2 threat model, eps 128/255).
-SGD momentum 0.9, weight decay 5e-4 (on every parameter, as the reference), batch 128, 110 epochs,
-lr x0.1 at epochs 100 and 105; initial lr 0.1 for KL, 0.05 otherwise (the paper uses 0.05 for SE);
-PGD-10 with step 2/255 (16/255 for L2); TRADES beta 6; clipping at c = 0.4 (PGD-AT) / 0.3
-(TRADES); best checkpoint (raw parameters, every epoch) by the min of the PGD-10 accuracies under
+As the reference (without_DDPM/train_cifar.py): PyTorch's default initialisation; SGD momentum
+0.9, weight decay 5e-4 on every parameter, batch 128, 110 epochs, lr x0.1 at epochs 100 and 105;
+initial lr 0.1 for KL, 0.05 otherwise (the paper uses 0.05 for SE); PGD-10 with step 2/255
+(16/255 for L2); TRADES beta 6; clipping at c = 0.4 (PGD-AT) / 0.3 (TRADES). The TRADES attack
+starts from 0.001 N(0, 1) with the model in eval mode; the PGD-AT attack starts from
+U(-eps, eps) in train mode, each of its 10 passes updating the BatchNorm running averages.
+Best checkpoint (raw parameters, every epoch) by the min of the PGD-10 accuracies under
 cross-entropy (`config.eval.pgd`) and under the training divergence (`config.eval.pgd_<kind>`; one
 evaluator for KL) on 1024 held-out images, a new best only when strictly greater; the reference
 code selects on the test set.
@@ -28,6 +31,7 @@ def get_config(variant: str = "trades-se"):
     c.dataset.name = "cifar10"
     c.dataset.num_validation = 1024
     c.model.name = "preact-resnet-18"
+    c.model.init_scheme = "torch"  # PyTorch's default init, as without_DDPM/preactresnet.py
     c.batch_size = 128
     c.num_epochs = 110
     c.optim.schedule = "piecewise"
@@ -48,6 +52,9 @@ def get_config(variant: str = "trades-se"):
     else:
         c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
     c.attack.init = "uniform" if loss_type == "pgd_at" else "normal"
+    # train_cifar.py: TRADES attacks in model.eval(); PGD-AT's attack stays in train mode, so
+    # each of its passes updates the running averages.
+    c.attack.batchnorm = "batch_update" if loss_type == "pgd_at" else "eval"
     # Selection as the reference: every epoch, min of PGD-10 (CE) and PGD-10 (the training
     # divergence) accuracies of the raw parameters, both from a uniform start, a new best on >.
     c.eval.pgd.num_steps = 10

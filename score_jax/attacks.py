@@ -10,10 +10,13 @@ training, attacks and evaluation share one copy of the loss math. A model enters
     x_fgsm = fgsm(label_objective(logits_fn, y), x, eps=8/255)
 
 Linf steps: delta <- clip_eps(delta + a sign(g)); L2 steps: delta <- proj_eps(delta + a g/||g||_2);
-both then clip x + delta to the image box [0, 1].
+both then clip x + delta to the image box [0, 1]. `l2_rule="box_then_ball"` is the L2 loop of the
+reference's `trades_loss_LSE` (clip to the box first, then renorm to the ball; start unprojected).
+`pgd_with_state` threads a state (BatchNorm running averages) through the attack's passes.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,9 @@ LogitsFn = Callable[[Array], Array]
 
 NORMS = ("linf", "l2")
 INITS = ("uniform", "normal", "zero")
+L2_RULES = ("ball_then_box", "box_then_ball")
+# torch.Tensor.renorm's guard: a delta with norm above eps is scaled by eps / (norm + 1e-7).
+_RENORM_EPS = 1e-7
 
 
 def _per_example_keys(key: Array, n: int) -> Array:
@@ -52,6 +58,19 @@ def project(delta: Array, x: Array, *, eps: float, norm: str, x_min: float, x_ma
     return jnp.clip(x + delta, x_min, x_max) - x
 
 
+def initial_delta(
+    key: Array, x: Array, *, eps: float, norm: str, init: str, restart: int | Array = 0
+) -> Array:
+    """The start of `pgd`'s restart `restart` before any projection, from one key or one key
+    per example (each example's start depends only on its key): uniform: U(-eps, eps)^d (linf) or
+    uniform in the L2 ball; normal: 0.001 N(0, 1); zero."""
+    if init == "zero":
+        return jnp.zeros_like(x)
+    keys = _per_example_keys(key, x.shape[0])
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, restart)
+    return _init_delta(keys, x, eps=eps, norm=norm, init=init)
+
+
 def _init_delta(keys: Array, x: Array, *, eps: float, norm: str, init: str) -> Array:
     """uniform: U(-eps, eps)^d (linf) or uniform in the L2 ball; normal: 0.001 N(0, 1); zero."""
     shape = x.shape[1:]
@@ -72,7 +91,11 @@ def _init_delta(keys: Array, x: Array, *, eps: float, norm: str, init: str) -> A
     return jax.vmap(ball)(keys)
 
 
-def _check(eps: float, step_size: float, num_steps: int, norm: str, init: str, restarts: int):
+def _check(
+    eps: float, step_size: float, num_steps: int, norm: str, init: str, restarts: int, l2_rule: str
+):
+    if l2_rule not in L2_RULES:
+        raise ValueError(f"attack l2_rule must be one of {L2_RULES}, got {l2_rule!r}")
     if norm not in NORMS:
         raise ValueError(f"attack norm must be one of {NORMS}, got {norm!r}")
     if init not in INITS:
@@ -96,53 +119,133 @@ def pgd(
     norm: str = "linf",
     init: str = "uniform",
     restarts: int = 1,
+    l2_rule: str = "ball_then_box",
     x_min: float = 0.0,
     x_max: float = 1.0,
 ) -> Array:
     """x_adv maximising sum_i objective(x_adv)_i within ||x_adv - x|| <= eps and the box.
 
-    `key` is one PRNG key or one key per example (then example i's start depends only on key i).
+    `key` is one PRNG key or one key per example (then example i's start depends only on key i);
+    the start of restart r is `initial_delta(key, x, ..., restart=r)`.
     With restarts > 1 each example keeps the restart with the highest final objective (the PyTorch
     reference keeps the last restart instead: a known defect, deliberately not copied).
+    L2 rules: "ball_then_box": the start is projected; a step is
+      delta <- proj_box(proj_ball(delta + a g/max(||g||, 1e-12))).
+    "box_then_ball" (the reference's `trades_loss_LSE`): the start is not projected; a step is
+      d = delta + a g/||g|| (an example with g = 0 steps along a N(0, 1) draw instead),
+      d <- clip(x + d, x_min, x_max) - x, then delta <- d min(1, eps/(||d|| + 1e-7)).
     The result carries `stop_gradient`.
     """
-    _check(eps, step_size, num_steps, norm, init, restarts)
-    if init != "zero":
-        if key is None:
-            raise ValueError(f"pgd with init={init!r} needs a PRNG key")
-        keys = _per_example_keys(key, x.shape[0])
-    grad_fn = jax.grad(lambda d: jnp.sum(objective(x + d)))
+    x_adv, _ = pgd_with_state(
+        lambda inputs, state: (objective(inputs), state),
+        x,
+        key,
+        None,
+        eps=eps,
+        step_size=step_size,
+        num_steps=num_steps,
+        norm=norm,
+        init=init,
+        restarts=restarts,
+        l2_rule=l2_rule,
+        x_min=x_min,
+        x_max=x_max,
+    )
+    return x_adv
 
-    def step(_, delta: Array) -> Array:
-        g = grad_fn(delta)
-        if norm == "linf":
-            delta = delta + step_size * jnp.sign(g)
-        else:
-            delta = delta + step_size * g / jnp.maximum(_l2_norm(g), 1e-12)
-        return project(delta, x, eps=eps, norm=norm, x_min=x_min, x_max=x_max)
 
-    def run(r: int | Array) -> tuple[Array, Array]:
-        if init == "zero":
-            delta = jnp.zeros_like(x)
-        else:
+def pgd_with_state(
+    objective: Callable[[Array, Any], tuple[Array, Any]],
+    x: Array,
+    key: Array | None,
+    state: Any,
+    *,
+    eps: float,
+    step_size: float,
+    num_steps: int,
+    norm: str = "linf",
+    init: str = "uniform",
+    restarts: int = 1,
+    l2_rule: str = "ball_then_box",
+    x_min: float = 0.0,
+    x_max: float = 1.0,
+) -> tuple[Array, Any]:
+    """`pgd` with `objective(x_adv, state) -> (values (B,), new state)`: the state (e.g. the
+    BatchNorm running averages PyTorch updates in train mode) is carried from each gradient pass
+    to the next, in order, and returned with x_adv. The passes that compare restarts
+    (restarts > 1) read the state without updating it."""
+    _check(eps, step_size, num_steps, norm, init, restarts, l2_rule)
+    if init != "zero" and key is None:
+        raise ValueError(f"pgd with init={init!r} needs a PRNG key")
+    if l2_rule == "box_then_ball" and norm == "l2" and key is None:
+        raise ValueError("pgd with l2_rule='box_then_ball' needs a PRNG key")
+    keys = None if key is None else _per_example_keys(key, x.shape[0])
+    box_first = norm == "l2" and l2_rule == "box_then_ball"
+
+    def total(delta: Array, s: Any) -> tuple[Array, Any]:
+        values, s = objective(x + delta, s)
+        return jnp.sum(values), s
+
+    grad_fn = jax.grad(total, has_aux=True)
+
+    def l2_direction(g: Array, run_keys: Array | None, i: Array) -> Array:
+        norm_g = _l2_norm(g)
+        if not box_first:
+            return g / jnp.maximum(norm_g, 1e-12)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, i + 1)
+        noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(step_keys)
+        return jnp.where(norm_g > 0, g / jnp.where(norm_g > 0, norm_g, 1.0), noise)
+
+    def run(r: int | Array, s: Any) -> tuple[Array, Any]:
+        run_keys = None
+        if keys is not None:
             run_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, r)
+        delta = jnp.zeros_like(x)
+        if init != "zero":
             delta = _init_delta(run_keys, x, eps=eps, norm=norm, init=init)
+        if not box_first:
             delta = project(delta, x, eps=eps, norm=norm, x_min=x_min, x_max=x_max)
-        delta = jax.lax.fori_loop(0, num_steps, step, delta)
-        return x + delta, objective(x + delta)
 
-    x_adv, best = run(0)
+        def step(i: Array, carry: tuple[Array, Any]) -> tuple[Array, Any]:
+            delta, s = carry
+            g, s = grad_fn(delta, s)
+            if norm == "linf":
+                delta = project(
+                    delta + step_size * jnp.sign(g), x, eps=eps, norm=norm, x_min=x_min, x_max=x_max
+                )
+            elif box_first:
+                delta = delta + step_size * l2_direction(g, run_keys, i)
+                delta = jnp.clip(x + delta, x_min, x_max) - x
+                norm_d = _l2_norm(delta)
+                delta = delta * jnp.where(norm_d > eps, eps / (norm_d + _RENORM_EPS), 1.0)
+            else:
+                delta = project(
+                    delta + step_size * l2_direction(g, run_keys, i),
+                    x,
+                    eps=eps,
+                    norm=norm,
+                    x_min=x_min,
+                    x_max=x_max,
+                )
+            return delta, s
+
+        delta, s = jax.lax.fori_loop(0, num_steps, step, (delta, s))
+        return jnp.clip(x + delta, x_min, x_max), s
+
+    x_adv, state = run(0, state)
     if restarts > 1:
 
-        def keep_best(r: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
-            x_best, v_best = carry
-            x_new, v_new = run(r)
+        def keep_best(r: Array, carry: tuple[Array, Array, Any]) -> tuple[Array, Array, Any]:
+            x_best, v_best, s = carry
+            x_new, s = run(r, s)
+            v_new = objective(x_new, s)[0]
             better = v_new > v_best
             mask = better.reshape((-1,) + (1,) * (x.ndim - 1))
-            return jnp.where(mask, x_new, x_best), jnp.where(better, v_new, v_best)
+            return jnp.where(mask, x_new, x_best), jnp.where(better, v_new, v_best), s
 
-        x_adv, best = jax.lax.fori_loop(1, restarts, keep_best, (x_adv, best))
-    return jax.lax.stop_gradient(x_adv)
+        best = objective(x_adv, state)[0]
+        x_adv, _, state = jax.lax.fori_loop(1, restarts, keep_best, (x_adv, best, state))
+    return jax.lax.stop_gradient(x_adv), state
 
 
 def fgsm(objective: Objective, x: Array, *, eps: float, norm: str = "linf") -> Array:

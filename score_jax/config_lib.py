@@ -73,12 +73,21 @@ def base_config() -> ml_collections.ConfigDict:
             validation_order="auto",
             ddpm_path="",
             real_fraction=1.0,
+            epoch_size=0,  # examples per epoch (steps = ceil(epoch_size / batch)); 0: train split
         )
     )
-    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True))
+    # rotation_degrees: random rotation U(-d, d) after crop and flip (RandomRotation(d)); 0: off.
+    c.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, rotation_degrees=0.0))
     c.model = ml_collections.ConfigDict(
         # activation "" = the model's default (SiLU for WRNs, ReLU otherwise).
-        dict(name="preact-resnet-18", activation="", conv_impl="auto", dtype="float32")
+        # init_scheme "torch": PyTorch's default initialisation (the basic setting's reference).
+        dict(
+            name="preact-resnet-18",
+            activation="",
+            conv_impl="auto",
+            dtype="float32",
+            init_scheme="default",
+        )
     )
     c.loss = ml_collections.ConfigDict(
         dict(
@@ -91,7 +100,17 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.attack = ml_collections.ConfigDict(
-        dict(norm="linf", eps=CIFAR10_EPS, step_size=2 / 255, num_steps=10, init="normal")
+        dict(
+            norm="linf",
+            eps=CIFAR10_EPS,
+            step_size=2 / 255,
+            num_steps=10,
+            init="normal",
+            # BatchNorm in the attack's passes: "batch_frozen" | "eval" | "batch_update".
+            batchnorm="batch_frozen",
+            # L2 step: "ball_then_box" | "box_then_ball" (the reference's trades_loss_LSE).
+            l2_rule="ball_then_box",
+        )
     )
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -106,6 +125,14 @@ def base_config() -> ml_collections.ConfigDict:
             lr_decay_factor=0.1,
             warmup_fraction=0.025,
             warmup_div=25.0,
+            # one_cycle: final lr = lr / warmup_div / final_div_factor (PyTorch OneCycleLR).
+            final_div_factor=1e4,
+            # "step" | "epoch": the schedules advance per step or once per epoch (PyTorch).
+            schedule_unit="step",
+            # one_cycle: momentum max_momentum -> base_momentum (lr peak) -> max_momentum.
+            cycle_momentum=False,
+            base_momentum=0.85,
+            max_momentum=0.95,
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decay=0.995, warmup_fraction=0.025))
@@ -141,16 +168,22 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.dataset.num_validation = 1024
     c.dataset.ddpm_path = ""  # required: the generated .npz
     c.dataset.real_fraction = real_fraction
+    c.dataset.epoch_size = 50000  # the reference counts all 50000 images (validation included)
     c.model.name = "wrn-70-16" if "wrn-70-16" in options else "wrn-28-10"
     c.model.activation = "silu"
     c.batch_size = 512
     c.eval_batch_size = 512
     c.num_epochs = 400
     c.optim.learning_rate = 0.2
-    c.optim.schedule = "cyclic_cosine"
+    c.optim.schedule = "one_cycle"  # OneCycleLR(max_lr=lr, pct_start=0.025, total_steps=epochs)
+    c.optim.schedule_unit = "epoch"  # stepped once per epoch, as the reference
     c.optim.warmup_fraction = 0.025
     c.optim.warmup_div = 25.0
-    c.optim.momentum = 0.9
+    c.optim.final_div_factor = 1e4
+    c.optim.cycle_momentum = True  # 0.95 -> 0.85 -> 0.95 (OneCycleLR's default)
+    c.optim.base_momentum = 0.85
+    c.optim.max_momentum = 0.95
+    c.optim.momentum = 0.9  # unused while cycle_momentum
     c.optim.nesterov = True
     c.optim.weight_decay = 5e-4
     c.optim.weight_decay_batchnorm = False
@@ -162,21 +195,28 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.loss.clip_c = None
     c.loss.label_smoothing = 0.0
     c.attack.num_steps = 10
-    c.attack.init = "normal"
+    c.attack.batchnorm = "batch_frozen"  # train mode, running averages not tracked (trades.py)
     if "l2" in options:
-        c.attack.norm, c.attack.eps, c.attack.step_size = "l2", 128 / 255, 16 / 255
+        # trades_loss_LSE's L2 loop: 0.001 N(0,1) start, lr 2 eps / steps, box then renorm.
+        c.attack.norm, c.attack.eps = "l2", 128 / 255
+        c.attack.step_size = 2 * c.attack.eps / c.attack.num_steps
+        c.attack.init, c.attack.l2_rule = "normal", "box_then_ball"
     else:
+        # x + U(-eps, eps) clamped to [0, 1], then sign steps of 2/255.
         c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
+        c.attack.init = "uniform"
+    # Evaluation keeps its steps of 2/255 (16/255 for L2); the training L2 step is 2 eps / steps.
+    eval_step = 16 / 255 if "l2" in options else 2 / 255
     # The reference's validation: PGD-40 on its CW loss, uniform start, of the EMA, every
     # epoch, a new best on >=.
     del c.eval.pgd
     c.eval.pgd_cw = pgd_evaluator(
-        c.attack, objective="cw_clamped", num_steps=40, step_size=c.attack.step_size
+        c.attack, objective="cw_clamped", num_steps=40, step_size=eval_step
     )
     c.eval.select_by = ("pgd_cw",)
     c.eval.select_ties = "later"
     c.test.pgd.num_steps = 20
-    c.test.pgd.step_size = c.attack.step_size
+    c.test.pgd.step_size = eval_step
     c.best_by = "ema"
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 2000
@@ -200,6 +240,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ValueError with one line naming the first bad field."""
+    from score_jax import models, train
     from score_jax.models import MODEL_NAMES
 
     lc, ac = config.loss, config.attack
@@ -249,6 +290,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     )
     _require(ac.init in attacks.INITS, f"config.attack.init={ac.init!r}; valid: {attacks.INITS}")
     _require(ac.eps >= 0, f"config.attack.eps={ac.eps} must be >= 0")
+    _require(
+        ac.batchnorm in train.ATTACK_BATCHNORM,
+        f"config.attack.batchnorm={ac.batchnorm!r}; valid: {train.ATTACK_BATCHNORM}",
+    )
+    _require(
+        ac.l2_rule in attacks.L2_RULES,
+        f"config.attack.l2_rule={ac.l2_rule!r}; valid: {attacks.L2_RULES}",
+    )
     _require(ac.norm in attacks.NORMS, f"config.attack.norm={ac.norm!r}; valid: {attacks.NORMS}")
     _require(
         config.optim.schedule in optim.SCHEDULES,
@@ -257,6 +306,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _require(
         config.optim.learning_rate > 0,
         f"config.optim.learning_rate={config.optim.learning_rate} must be > 0",
+    )
+    _require(
+        config.optim.schedule_unit in optim.SCHEDULE_UNITS,
+        f"config.optim.schedule_unit={config.optim.schedule_unit!r}; valid: {optim.SCHEDULE_UNITS}",
+    )
+    _require(
+        config.optim.final_div_factor > 0,
+        f"config.optim.final_div_factor={config.optim.final_div_factor} must be > 0",
+    )
+    _require(
+        not config.optim.cycle_momentum or config.optim.schedule == "one_cycle",
+        "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
+    )
+    _require(
+        0 <= config.optim.base_momentum <= config.optim.max_momentum < 1,
+        f"config.optim.base_momentum={config.optim.base_momentum} and max_momentum="
+        f"{config.optim.max_momentum} must satisfy 0 <= base <= max < 1",
     )
     _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must lie in [0, 1)")
     _require(
@@ -269,11 +335,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",
     )
     _require(
+        0 <= config.augment.rotation_degrees <= 180,
+        f"config.augment.rotation_degrees={config.augment.rotation_degrees} must lie in [0, 180]",
+    )
+    _require(
+        config.dataset.epoch_size >= 0,
+        f"config.dataset.epoch_size={config.dataset.epoch_size} must be >= 0",
+    )
+    _require(
         config.best_by in ("ema", "raw"), f"config.best_by={config.best_by!r}; valid: ema, raw"
     )
     _require(
         config.checkpoint_every_steps > 0,
         f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0",
+    )
+    _require(
+        config.model.init_scheme in models.INIT_SCHEMES,
+        f"config.model.init_scheme={config.model.init_scheme!r}; valid: {models.INIT_SCHEMES}",
     )
     _require(
         config.model.dtype in ("float32", "bfloat16"),

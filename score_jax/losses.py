@@ -79,12 +79,22 @@ def divergence_from_logits(p: Array, logits: Array, kind: str) -> Array:
     return _divergence(p, jax.nn.softmax(logits), kind, log_q=jax.nn.log_softmax(logits))
 
 
-def smooth_labels(labels: Array, num_classes: int, label_smoothing: float = 0.0) -> Array:
-    """y~ = (1 - ls K/(K-1)) onehot(y) + ls/(K-1): true class 1 - ls, the others ls/(K-1)."""
+def smooth_labels(
+    labels: Array, num_classes: int, label_smoothing: float = 0.0, kind: str = "se"
+) -> Array:
+    """The smoothed target y~ of divergence `kind`, as the reference builds it.
+
+    kind "kl" (the reference's `SmoothCrossEntropyLoss`, (1 - ls) NLL + ls mean_k(-log p_k)):
+    (1 - ls) onehot(y) + ls/K, i.e. 1 - ls + ls/K on the true class and ls/K elsewhere.
+    Every other kind (the SE path of `trades_loss_LSE`): (1 - ls K/(K-1)) onehot(y) + ls/(K-1),
+    i.e. 1 - ls on the true class and ls/(K-1) elsewhere.
+    """
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if not label_smoothing:
         return onehot
     k = num_classes
+    if kind == "kl":
+        return (1.0 - label_smoothing) * onehot + label_smoothing / k
     return (1.0 - label_smoothing * k / (k - 1)) * onehot + label_smoothing / (k - 1)
 
 
@@ -124,7 +134,7 @@ def pgd_at_per_example(
     kind "kl" with one-hot labels is the cross-entropy.
     """
     num_classes = logits_adv.shape[-1]
-    target = smooth_labels(labels, num_classes, label_smoothing)
+    target = smooth_labels(labels, num_classes, label_smoothing, kind)
     return _clip(divergence_from_logits(target, logits_adv, kind), clip_c, num_classes, kind)
 
 
@@ -157,7 +167,7 @@ def trades_terms(
     Gradients flow through both p and p' in the robust term.
     """
     num_classes = logits_nat.shape[-1]
-    target = smooth_labels(labels, num_classes, label_smoothing)
+    target = smooth_labels(labels, num_classes, label_smoothing, kind)
     natural = divergence_from_logits(target, logits_nat, kind)
     robust = divergence_from_logits(
         jax.nn.softmax(logits_nat.astype(jnp.float32)), logits_adv, kind

@@ -81,6 +81,9 @@ def apply_train(model: nn.Module, params, batch_stats, inputs) -> tuple[jax.Arra
     return logits, updates["batch_stats"]
 
 
+ATTACK_BATCHNORM = ("batch_frozen", "eval", "batch_update")
+
+
 def adversarial_examples(
     model: nn.Module,
     config: ml_collections.ConfigDict,
@@ -88,38 +91,62 @@ def adversarial_examples(
     x: jax.Array,
     labels: jax.Array,
     keys: jax.Array,
-) -> jax.Array:
-    """config.attack's PGD on the training objective, with per-example keys.
+) -> tuple[jax.Array, Any]:
+    """config.attack's PGD on the training objective, with per-example keys; returns x_adv and
+    the BatchNorm running averages the loss's passes start from.
 
-    TRADES: maximises D(p || softmax f(x')), p = softmax f(x), with batch statistics and without
-    updating the running averages. PGD-AT: maximises D(y~ || softmax f(x')) in eval mode.
+    TRADES maximises D(p || softmax f(x')), p = softmax f(x) (computed in the same mode);
+    PGD-AT maximises D(y~ || softmax f(x')). config.attack.batchnorm is the model's mode in every
+    attack pass (p's included): "batch_frozen": batch statistics, running averages untouched
+    (PyTorch train mode with track_running_stats off: the DDPM setting's TRADES); "eval": the
+    running averages (model.eval(): the basic setting's TRADES); "batch_update": batch
+    statistics, and every pass updates the running averages as PyTorch's train mode does (the
+    basic setting's PGD-AT).
     """
     lc, ac = config.loss, config.attack
-    pgd = functools.partial(
-        attacks.pgd,
+    mode = ac.batchnorm
+    if mode not in ATTACK_BATCHNORM:
+        raise ValueError(f"config.attack.batchnorm must be one of {ATTACK_BATCHNORM}, got {mode!r}")
+    if lc.type not in LOSS_TYPES:
+        raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
+
+    def logits_fn(inputs: jax.Array, stats: Any) -> tuple[jax.Array, Any]:
+        if mode == "eval":
+            variables = {"params": state.params, "batch_stats": stats}
+            return model.apply(variables, inputs, train=False), stats
+        logits, new_stats = apply_train(model, state.params, stats, inputs)
+        return logits, (new_stats if mode == "batch_update" else stats)
+
+    stats = state.batch_stats
+    if lc.type == "trades":
+        logits_nat, stats = logits_fn(x, stats)
+        p_nat = jax.lax.stop_gradient(jax.nn.softmax(logits_nat.astype(jnp.float32)))
+
+        def objective(inputs, s):
+            logits, s = logits_fn(inputs, s)
+            return losses.divergence_from_logits(p_nat, logits, lc.kind), s
+
+    else:
+
+        def objective(inputs, s):
+            logits, s = logits_fn(inputs, s)
+            per_example = losses.pgd_at_per_example(
+                logits, labels, kind=lc.kind, label_smoothing=lc.label_smoothing
+            )
+            return per_example, s
+
+    return attacks.pgd_with_state(
+        objective,
+        x,
+        keys,
+        stats,
         eps=ac.eps,
         step_size=ac.step_size,
         num_steps=ac.num_steps,
         norm=ac.norm,
         init=ac.init,
+        l2_rule=ac.l2_rule,
     )
-    if lc.type == "trades":
-
-        def attack_logits(inputs):
-            return apply_train(model, state.params, state.batch_stats, inputs)[0]
-
-        p_nat = jax.nn.softmax(attack_logits(x).astype(jnp.float32))
-        return pgd(attacks.trades_objective(attack_logits, p_nat, kind=lc.kind), x, keys)
-    if lc.type == "pgd_at":
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        objective = attacks.label_objective(
-            lambda inputs: model.apply(variables, inputs, train=False),
-            labels,
-            kind=lc.kind,
-            label_smoothing=lc.label_smoothing,
-        )
-        return pgd(objective, x, keys)
-    raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
 
 
 def make_loss_fn(
@@ -199,6 +226,7 @@ def train_step(
     learning_rate_fn: optax.Schedule,
     ema_warmup_steps: int,
     sync_batch_stats: bool,
+    momentum_fn: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on this device's part of the batch: augment, attack, loss, update, EMA.
 
@@ -212,11 +240,15 @@ def train_step(
     )
     x = batch["image"].astype(jnp.float32) / 255.0
     x = data.augment(
-        x, aug_keys, crop_padding=config.augment.crop_padding, flip=config.augment.flip
+        x,
+        aug_keys,
+        crop_padding=config.augment.crop_padding,
+        flip=config.augment.flip,
+        rotation_degrees=config.augment.rotation_degrees,
     )
     labels = batch["label"]
-    x_adv = adversarial_examples(model, config, state, x, labels, attack_keys)
-    loss_fn = make_loss_fn(model, config, state.batch_stats, x, x_adv, labels)
+    x_adv, attack_stats = adversarial_examples(model, config, state, x, labels, attack_keys)
+    loss_fn = make_loss_fn(model, config, attack_stats, x, x_adv, labels)
     (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
     if not sync_batch_stats:  # per-device statistics (the reference's DataParallel): average them
@@ -224,6 +256,8 @@ def train_step(
     metrics = jax.lax.pmean({"loss": loss, **aux}, AXIS)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate_fn(state.step)
+    if momentum_fn is not None:
+        metrics["momentum"] = momentum_fn(state.step)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite.astype(jnp.float32)
     new_state = update(state, grads, batch_stats, config.ema.decay, ema_warmup_steps)
@@ -237,8 +271,12 @@ def compile_train_step(
     learning_rate_fn: optax.Schedule,
     ema_warmup_steps: int,
     mesh: Mesh,
+    momentum_fn: optax.Schedule | None = None,
 ):
-    """jit(shard_map(train_step)) over `mesh`: state replicated, batch split on "batch"."""
+    """jit(shard_map(train_step)) over `mesh`: state replicated, batch split on "batch".
+
+    `learning_rate_fn` and `momentum_fn` (optional) are logged as metrics; the optimizer in the
+    state applies its own."""
     sync = bool(config.sync_batch_stats)
     step = functools.partial(
         train_step,
@@ -247,6 +285,7 @@ def compile_train_step(
         learning_rate_fn=learning_rate_fn,
         ema_warmup_steps=ema_warmup_steps,
         sync_batch_stats=sync,
+        momentum_fn=momentum_fn,
     )
     # check_vma=False gives pmap semantics: a replicated input's gradient is per-device (not
     # implicitly summed), so the explicit pmean above is the only reduction.

@@ -164,13 +164,20 @@ class Setup:
         config_lib.validate(config, num_devices=self.mesh.size)
         self.dataset = data.get_dataset(config.dataset)
         self.batcher = data.TrainBatcher(
-            self.dataset, config.batch_size, config.seed, config.dataset.real_fraction
+            self.dataset,
+            config.batch_size,
+            config.seed,
+            config.dataset.real_fraction,
+            epoch_size=config.dataset.epoch_size,
         )
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.total_steps = total_steps(config, self.steps_per_epoch)
         self.model = build_model(config, self.dataset)
         self.schedule = optim.make_schedule(config.optim, self.steps_per_epoch, self.total_steps)
-        self.tx = optim.make_optimizer(config.optim, self.schedule)
+        self.momentum_schedule = optim.make_momentum_schedule(
+            config.optim, self.steps_per_epoch, self.total_steps
+        )
+        self.tx = optim.make_optimizer(config.optim, self.schedule, self.momentum_schedule)
         self.ema_warmup_steps = int(round(config.ema.warmup_fraction * self.total_steps))
         self.key = train.base_key(config.seed)
         self._eval_steps: dict[str, dict[str, evaluate.StepFn]] = {}
@@ -292,7 +299,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricWriter(workdir)
 
     step_fn = train.compile_train_step(
-        setup.model, config, setup.schedule, setup.ema_warmup_steps, setup.mesh
+        setup.model,
+        config,
+        setup.schedule,
+        setup.ema_warmup_steps,
+        setup.mesh,
+        momentum_fn=setup.momentum_schedule,
     )
     num_steps = setup.total_steps
     logging.info(

@@ -213,3 +213,49 @@ def test_objective_raised_numerically():
     np.testing.assert_allclose(
         attacks.label_objective(logits_fn, labels)(x_adv), ce, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_state_threads_through_every_gradient_pass(restarts):
+    # The state counts the passes (as BatchNorm's running averages count PyTorch's train-mode
+    # forwards): num_steps per restart; the passes comparing restarts leave it alone.
+    logits_fn = _mlp(jax.random.key(30))
+    x = _images(jax.random.key(31))
+    labels = jnp.arange(8) % 5
+
+    def objective(inputs, count):
+        return losses.pgd_at_per_example(logits_fn(inputs), labels), count + 1
+
+    kw = dict(eps=0.1, step_size=0.03, num_steps=4, restarts=restarts)
+    x_adv, count = attacks.pgd_with_state(objective, x, jax.random.key(32), 0, **kw)
+    assert int(count) == 4 * restarts
+    stateless = attacks.pgd(attacks.label_objective(logits_fn, labels), x, jax.random.key(32), **kw)
+    np.testing.assert_array_equal(x_adv, stateless)
+
+
+def test_box_then_ball_rule():
+    """The reference's L2 order: step, clip to the box, renorm to the ball; a zero gradient
+    steps along a random direction; the start 0.001 N(0,1) is used unprojected."""
+    x = jnp.concatenate([jnp.zeros((4, *SHAPE)), jnp.ones((4, *SHAPE))]) * 0.98 + 0.01
+    eps, step = 0.5, 0.1
+    flat = lambda x: jnp.zeros((x.shape[0],))  # noqa: E731  zero gradient everywhere
+    kw = dict(eps=eps, step_size=step, norm="l2", init="normal", l2_rule="box_then_ball")
+    x_adv = attacks.pgd(flat, x, jax.random.key(40), num_steps=30, **kw)
+    delta = np.asarray(x_adv - x).reshape(8, -1)
+    norms = np.linalg.norm(delta, axis=1)
+    assert (norms > 0.3).all() and (norms <= eps + 1e-6).all()  # random steps, renormed
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    # One step on a linear objective by hand: d = delta0 + a g/||g||, clip to the box, renorm.
+    w = jax.random.normal(jax.random.key(41), SHAPE)
+    linear = lambda x: jnp.sum(x * w, axis=(1, 2, 3))  # noqa: E731
+    key = jax.random.key(42)
+    d0 = np.asarray(attacks.initial_delta(key, x, eps=eps, norm="l2", init="normal"))
+    got = np.asarray(attacks.pgd(linear, x, key, num_steps=1, **kw))
+    w_np = np.asarray(w)
+    d = d0 + step * w_np / np.linalg.norm(w_np)
+    d = np.clip(np.asarray(x) + d, 0, 1) - np.asarray(x)
+    n = np.linalg.norm(d.reshape(8, -1), axis=1).reshape(8, 1, 1, 1)
+    d = d * np.where(n > eps, eps / (n + 1e-7), 1.0)
+    np.testing.assert_allclose(got, np.clip(np.asarray(x) + d, 0, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="l2_rule"):
+        attacks.pgd(linear, x, key, num_steps=1, **{**kw, "l2_rule": "ball_first"})

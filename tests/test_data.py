@@ -18,7 +18,7 @@ import pytest
 
 from score_jax import data
 from score_jax.data import Dataset, Split, TrainBatcher, augment, ddpm, digits
-from score_jax.data.augment import crop
+from score_jax.data.augment import crop, rotate
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -411,3 +411,72 @@ def test_flip_and_per_key_determinism():
     np.testing.assert_array_equal(reordered[::-1], again)
     mixed = aug(images.at[:16].set(0.0), keys)  # Other examples' content changes nothing.
     np.testing.assert_array_equal(mixed[16:], again[16:])
+
+
+def _np_rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Counter-clockwise nearest-neighbour rotation about the centre, zero fill, by inverse
+    mapping in float64 (PIL's Image.rotate, which torchvision's RandomRotation calls): output
+    pixel (i, j) reads input (floor(v), floor(u)), x = j + 0.5 - W/2, y = i + 0.5 - H/2,
+    u = cos(a) x - sin(a) y + W/2, v = sin(a) x + cos(a) y + H/2."""
+    h, w = image.shape[:2]
+    a = np.deg2rad(degrees)
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    x, y = j + 0.5 - w / 2, i + 0.5 - h / 2
+    u = np.floor(np.cos(a) * x - np.sin(a) * y + w / 2).astype(int)
+    v = np.floor(np.sin(a) * x + np.cos(a) * y + h / 2).astype(int)
+    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    out = image[np.clip(v, 0, h - 1), np.clip(u, 0, w - 1)]
+    return np.where(inside[..., None], out, 0)
+
+
+@pytest.mark.parametrize("degrees", [0.0, 10.0, -15.0, 7.3, -3.21, 90.0])
+def test_rotate_equals_inverse_mapping(degrees):
+    # Every pixel distinct and non-zero, so each output pixel names its source (or the fill).
+    image = (np.arange(32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3) + 1) / (32 * 32 * 3)
+    ours = np.asarray(jax.jit(rotate)(jnp.asarray(image), degrees))
+    expected = _np_rotate(image, degrees)
+    np.testing.assert_array_equal(ours, expected)
+    if degrees == 90.0:  # a quarter turn counter-clockwise is exact: np.rot90
+        np.testing.assert_array_equal(ours, np.rot90(image))
+    if degrees == 10.0:
+        assert (expected == 0).all(-1).sum() == 72  # the corners are zero-filled
+
+
+def test_rotate_equals_pil_when_available():
+    pil = pytest.importorskip("PIL.Image")
+    pattern = (np.arange(32 * 32).reshape(32, 32) % 251 + 1).astype(np.uint8)
+    for degrees in (12.5, -14.0, 3.7):
+        expected = np.asarray(
+            pil.fromarray(pattern).rotate(degrees, resample=pil.NEAREST, fillcolor=0)
+        )
+        ours = np.asarray(rotate(jnp.asarray(pattern, jnp.float32)[..., None], degrees))[..., 0]
+        # PIL walks the output rows with accumulated increments; where the exact source
+        # coordinate is within 1e-3 of a pixel edge its rounding may pick the neighbour.
+        a = np.deg2rad(degrees)
+        i, j = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+        x, y = j + 0.5 - 16, i + 0.5 - 16
+        u, v = np.cos(a) * x - np.sin(a) * y + 16, np.sin(a) * x + np.cos(a) * y + 16
+        tie = (np.abs(u - np.round(u)) < 1e-3) | (np.abs(v - np.round(v)) < 1e-3)
+        differ = ours != expected
+        assert not (differ & ~tie).any() and differ.sum() <= 2
+
+
+def test_random_rotation_angles_within_degrees():
+    # One bright pixel 30.5 pixels above the centre of a 64x64 image: after a counter-clockwise
+    # rotation by a it sits at angle a to the left of the vertical (to within ~1 degree).
+    image = np.zeros((64, 64, 1), np.float32)
+    image[1, 32] = 1.0
+    images = jnp.asarray(np.repeat(image[None], 64, 0))
+    keys = jax.random.split(jax.random.key(3), 64)
+    aug = jax.jit(functools.partial(augment, crop_padding=0, flip=False, rotation_degrees=15.0))
+    out = np.asarray(aug(images, keys))
+    angles = []
+    for o in out:
+        i, j = np.mean(np.nonzero(o[..., 0]), axis=1)  # nearest may copy the pixel twice
+        angles.append(np.rad2deg(np.arctan2(32 - (j + 0.5), 32 - (i + 0.5))))
+    angles = np.array(angles)
+    assert np.abs(angles).max() <= 15.0 + 1.5
+    assert np.abs(angles).max() > 12.0  # the whole range is used
+    assert (angles > 3).sum() > 10 and (angles < -3).sum() > 10
+    np.testing.assert_array_equal(aug(images, keys), out)
+    assert augment(images, keys, crop_padding=0, flip=False, rotation_degrees=0.0) is images

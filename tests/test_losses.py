@@ -103,6 +103,36 @@ def test_smooth_labels():
     chex.assert_trees_all_equal(losses.smooth_labels(jnp.array([1]), 3), jnp.array([[0.0, 1, 0]]))
 
 
+def _np_smooth_cross_entropy(logits: np.ndarray, labels: np.ndarray, ls: float) -> np.ndarray:
+    """The reference's SmoothCrossEntropyLoss (core/utils/utils.py), per example, transcribed:
+    (1 - ls) * NLL + ls * mean_k(-log p_k)."""
+    logp = np.log(_np_softmax(logits))
+    nll = -logp[np.arange(len(labels)), labels]
+    return (1 - ls) * nll + ls * (-logp.mean(-1))
+
+
+def test_kl_label_smoothing_is_the_references_smooth_cross_entropy():
+    ls, k = 0.1, 10
+    y = losses.smooth_labels(jnp.array([3]), k, ls, kind="kl")
+    np.testing.assert_allclose(y[0, 3], 1 - ls + ls / k, rtol=1e-6)
+    np.testing.assert_allclose(y[0, 0], ls / k, rtol=1e-6)
+    logits = 2.0 * jax.random.normal(jax.random.key(4), (16, k))
+    labels = jnp.arange(16) % k
+    ref = _np_smooth_cross_entropy(np.asarray(logits, np.float64), np.asarray(labels), ls)
+    # KL(y~ || p) = CE(y~, p) - H(y~): the reference's loss less a constant, same gradient.
+    target = np.full((k,), ls / k)
+    target[0] = 1 - ls + ls / k
+    entropy = -(target * np.log(target)).sum()
+    kl = losses.pgd_at_per_example(logits, labels, kind="kl", label_smoothing=ls)
+    np.testing.assert_allclose(kl + entropy, ref, rtol=1e-5)
+    nat, _ = losses.trades_terms(logits, logits, labels, kind="kl", label_smoothing=ls)
+    np.testing.assert_allclose(nat + entropy, ref, rtol=1e-5)
+    # The SE path keeps the reference's trades_loss_LSE target: 1 - ls and ls/(K-1).
+    se_target = losses.smooth_labels(jnp.array([3]), k, ls, kind="se")
+    np.testing.assert_allclose(se_target[0, 3], 1 - ls, rtol=1e-6)
+    np.testing.assert_allclose(se_target[0, 0], ls / (k - 1), rtol=1e-6)
+
+
 def _np_softmax(z):
     z = np.asarray(z, np.float64)
     e = np.exp(z - z.max(-1, keepdims=True))

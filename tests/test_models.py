@@ -383,3 +383,40 @@ def test_get_model_errors():
     with pytest.raises(ValueError, match="activation"):
         init = functools.partial(TINY["small"](activation="gelu").init, train=False)
         jax.eval_shape(init, jax.random.key(0), _images())
+
+
+def test_torch_init_scheme_matches_pytorch_default_initialisation():
+    """init_scheme "torch": PreAct-ResNet-18's weights drawn as PyTorch's nn.Conv2d / nn.Linear
+    defaults (kaiming-uniform a=sqrt(5): U(+-1/sqrt(fan_in)); bias U(+-1/sqrt(fan_in)))."""
+    torch = pytest.importorskip("torch")
+    from score_jax import models
+
+    def init_params(model):
+        # Parameters only, rbg keys: a fraction of the full init's compile time on CPU.
+        init = lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False)["params"]  # noqa: E731
+        return jax.jit(init)(jax.random.key(0, impl="rbg"))
+
+    params = init_params(models.get_model("preact-resnet-18", 10, init_scheme="torch"))
+    torch.manual_seed(0)
+    cases = [
+        (params["conv1"]["kernel"], torch.nn.Conv2d(3, 64, 3, bias=False).weight, 27),
+        (params["layer4_1"]["conv2"]["kernel"], torch.nn.Conv2d(512, 512, 3).weight, 4608),
+        (params["layer2_0"]["shortcut"]["kernel"], torch.nn.Conv2d(64, 128, 1).weight, 64),
+        (params["linear"]["kernel"], torch.nn.Linear(512, 10).weight, 512),
+        (params["linear"]["bias"], torch.nn.Linear(512, 10).bias, 512),
+    ]
+    for ours, theirs, fan_in in cases:
+        ours, theirs = np.asarray(ours), theirs.detach().numpy()
+        assert ours.size == theirs.size
+        bound = 1.0 / np.sqrt(fan_in) * (1 + 1e-6)  # float32 rounding of the bound
+        assert np.abs(theirs).max() <= bound  # the formula is torch's
+        assert np.abs(ours).max() <= bound
+        if ours.size >= 1000:
+            np.testing.assert_allclose(np.var(theirs), bound**2 / 3, rtol=0.06)
+            np.testing.assert_allclose(np.var(ours), bound**2 / 3, rtol=0.06)
+            assert np.abs(ours).max() > 0.99 * bound  # uniform up to the bound, not a normal
+    # The default scheme is unchanged (Flax's Dense: zero bias).
+    p0 = init_params(models.get_model("small-cnn", 10, width=4, hidden=8))
+    assert not np.any(np.asarray(p0["logits"]["bias"]))
+    with pytest.raises(ValueError, match="init_scheme"):
+        models.get_model("preact-resnet-18", 10, init_scheme="xavier")

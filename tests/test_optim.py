@@ -102,3 +102,18 @@ def test_ema_update():
     np.testing.assert_allclose(optim.ema_update(ema, params, 2, 0.995, 5)["w"], [3.0])
     # step 15, warm-up 5: decay 11/20 -> 0.55 * 1 + 0.45 * 3
     np.testing.assert_allclose(optim.ema_update(ema, params, 15, 0.995, 5)["w"], [1.9], rtol=1e-6)
+
+
+def test_cycle_momentum_needs_one_cycle():
+    with pytest.raises(ValueError, match="config.optim.cycle_momentum"):
+        optim.make_momentum_schedule(_optim_config(cycle_momentum=True), 10, 100)
+    with pytest.raises(ValueError, match="config.optim.schedule_unit"):
+        optim.make_schedule(_optim_config(schedule_unit="batch"), 10, 100)
+
+
+def test_epoch_unit_holds_the_lr_within_an_epoch():
+    lr = optim.make_schedule(_optim_config(schedule="cosine", schedule_unit="epoch"), 10, 100)
+    # cosine over 10 epochs: epoch e has 0.05 (1 + cos(pi e / 10)) / 2 for all its 10 steps.
+    for step in (0, 9, 10, 55, 99):
+        expected = 0.05 * 0.5 * (1 + np.cos(np.pi * (step // 10) / 10))
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6)

@@ -72,6 +72,10 @@ class TrainBatcher:
     perm_e = default_rng([seed, e]).permutation(N). The global - n_real generated examples of
     a step are drawn with replacement by default_rng([seed, step, 1]). The global batch is
     then shuffled by default_rng([seed, step, 2]) so that both kinds spread over processes.
+
+    An epoch is ceil(epoch_size / global_batch_size) steps; epoch_size defaults to the train
+    split's size (the reference's DDPM setting counts the full 50000 CIFAR images, the held-out
+    validation images included).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class TrainBatcher:
         real_fraction: float = 1.0,
         process_index: int | None = None,
         process_count: int | None = None,
+        epoch_size: int | None = None,
     ):
         self.real_fraction = check_real_fraction(real_fraction, dataset.generated is not None)
         if seed < 0:
@@ -101,7 +106,10 @@ class TrainBatcher:
         else:
             self.num_real = int(round(global_batch_size * self.real_fraction))
         self.num_generated = global_batch_size - self.num_real
-        self.steps_per_epoch = math.ceil(self.num_train / global_batch_size)
+        if epoch_size is not None and epoch_size < 0:
+            raise ValueError(f"config.dataset.epoch_size must be >= 0, got {epoch_size}")
+        self.epoch_size = int(epoch_size) if epoch_size else self.num_train
+        self.steps_per_epoch = math.ceil(self.epoch_size / global_batch_size)
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _perm(self, epoch: int) -> np.ndarray:

@@ -15,7 +15,9 @@ from score_jax.models.layers import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    INIT_SCHEMES,
     Conv,
+    check_init_scheme,
     get_activation,
     resolve_conv_impl,
 )
@@ -47,7 +49,8 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
     """Builds the model `name` with `num_classes` outputs; `kw` are the model's fields.
 
     Common fields: mean, std, activation ("silu" | "relu"), bn_axis_name, conv_impl
-    ("xla" | "im2col" | "auto"), dtype.
+    ("xla" | "im2col" | "auto"), dtype, init_scheme ("default" | "torch": PyTorch's default
+    initialisation of convolutions and linear layers).
     """
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
@@ -55,6 +58,8 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
         get_activation(kw["activation"])
     if "conv_impl" in kw:
         resolve_conv_impl(kw["conv_impl"])
+    if "init_scheme" in kw:
+        check_init_scheme(kw["init_scheme"])
     return _MODELS[name](num_classes=num_classes, **kw)
 
 
@@ -64,6 +69,7 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "INIT_SCHEMES",
     "MODEL_NAMES",
     "Conv",
     "PreActResNet",

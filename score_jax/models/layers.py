@@ -26,6 +26,27 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "re
 # He-normal (fan_out), as torchvision initialises ResNet convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+INIT_SCHEMES = ("default", "torch")
+# PyTorch's nn.Conv2d / nn.Linear default: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))
+# with fan_in = kh * kw * cin (HWIO) or the Dense input size.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> Callable:
+    """PyTorch's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def check_init_scheme(name: str) -> str:
+    if name not in INIT_SCHEMES:
+        raise ValueError(f"Unknown init_scheme {name!r}; valid: {', '.join(INIT_SCHEMES)}.")
+    return name
+
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """Returns the activation function called `name`."""
@@ -131,6 +152,8 @@ class ModelBase(nn.Module):
     bn_axis_name: str | None = None
     conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
+    # "default": He-normal (fan_out) convolutions, Flax's Dense; "torch": PyTorch's defaults.
+    init_scheme: str = "default"
 
     bn_momentum: ClassVar[float] = 0.9  # Flax terms: PyTorch momentum 0.1.
 
@@ -141,6 +164,7 @@ class ModelBase(nn.Module):
             bn_axis_name=self.bn_axis_name,
             conv_impl=self.conv_impl,
             dtype=self.dtype,
+            init_scheme=self.init_scheme,
         )
 
     def act(self, x: jax.Array) -> jax.Array:
@@ -166,5 +190,25 @@ class ModelBase(nn.Module):
             padding,
             impl=self.conv_impl,
             dtype=self.dtype,
+            kernel_init=torch_kernel_init if self.torch_init() else conv_kernel_init,
             name=name,
         )
+
+    def torch_init(self) -> bool:
+        return check_init_scheme(self.init_scheme) == "torch"
+
+    def dense(self, features: int, name: str) -> Callable[[jax.Array], jax.Array]:
+        """A Dense layer with the init scheme's kernel and bias initialisers."""
+
+        def apply(x: jax.Array) -> jax.Array:
+            if not self.torch_init():
+                return nn.Dense(features, dtype=self.dtype, name=name)(x)
+            return nn.Dense(
+                features,
+                dtype=self.dtype,
+                kernel_init=torch_kernel_init,
+                bias_init=torch_bias_init(x.shape[-1]),
+                name=name,
+            )(x)
+
+        return apply

@@ -93,7 +93,7 @@ class _CifarResNet(ModelBase):
         return x
 
     def head(self, x: jax.Array) -> jax.Array:
-        out = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(global_avg_pool(x))
+        out = self.dense(self.num_classes, "linear")(global_avg_pool(x))
         return out.astype(jnp.float32)
 
 

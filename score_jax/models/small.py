@@ -38,6 +38,6 @@ class SmallCNN(ModelBase):
         ):
             out = self.conv(features, 3, stride, PAD_1, f"conv_{i}")(out)
             out = self.act(self.batch_norm(f"batchnorm_{i}", train)(out))
-        out = self.act(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(global_avg_pool(out)))
-        out = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(out)
+        out = self.act(self.dense(self.hidden, "dense")(global_avg_pool(out)))
+        out = self.dense(self.num_classes, "logits")(out)
         return out.astype(jnp.float32)

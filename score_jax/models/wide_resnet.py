@@ -110,7 +110,7 @@ class WideResNet(_WRNBase):
             )
             out = group(out, train)
         out = self.act(self.batch_norm("batchnorm", train)(out))
-        out = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(global_avg_pool(out))
+        out = self.dense(self.num_classes, "logits")(global_avg_pool(out))
         return out.astype(jnp.float32)
 
 

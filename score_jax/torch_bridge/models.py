@@ -31,7 +31,7 @@ WRN_DEPTH_WIDTH: dict[str, tuple[int, int]] = {
     "wrn-16-2": (16, 2),
 }
 # Fields of the Flax models that do not change the computation in float32 PyTorch.
-JAX_ONLY_FIELDS = ("conv_impl", "dtype", "bn_axis_name")
+JAX_ONLY_FIELDS = ("conv_impl", "dtype", "bn_axis_name", "init_scheme")
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -346,7 +346,7 @@ def build_torch_model(model_name: str, num_classes: int, **kw: Any) -> nn.Module
 
     kw: mean, std, activation ("" or None = the model's default) and the architecture fields
     (wrn: depth, width; resnets: num_blocks, base_width; small-cnn: width, hidden). The Flax-only
-    fields conv_impl, dtype and bn_axis_name are accepted and ignored.
+    fields conv_impl, dtype, bn_axis_name and init_scheme are accepted and ignored.
     """
     fam = family(model_name)
     kw = {k: v for k, v in kw.items() if k not in JAX_ONLY_FIELDS}

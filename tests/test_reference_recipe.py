@@ -1,0 +1,407 @@
+"""The reference recipe (DESIGN.md section 8) against PyTorch itself: OneCycleLR driving SGD."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from score_jax import config_lib, optim  # noqa: E402
+from score_jax.data import Dataset, Split, TrainBatcher  # noqa: E402
+
+CONFIGS = "configs"
+
+
+def _torch_one_cycle(optim_config, num_epochs: int):
+    """Per-epoch (lr, momentum) of torch OneCycleLR(total_steps=num_epochs) driving SGD-Nesterov,
+    stepped once per epoch as the reference's watrain.py does."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD(
+        [param],
+        lr=optim_config.learning_rate,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=optim_config.weight_decay,
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=optim_config.learning_rate, pct_start=0.025, total_steps=num_epochs
+    )
+    lrs, moms = [], []
+    for _ in range(num_epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    return np.asarray(lrs), np.asarray(moms)
+
+
+def test_ddpm_schedule_every_step_equals_torch_one_cycle():
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    steps_per_epoch = math.ceil(50000 / config.batch_size)
+    assert steps_per_epoch == 98
+    total = config.num_epochs * steps_per_epoch
+    lr_fn = optim.make_schedule(config.optim, steps_per_epoch, total)
+    mom_fn = optim.make_momentum_schedule(config.optim, steps_per_epoch, total)
+    steps = jnp.arange(total)
+    lr, mom = np.asarray(jax.jit(lr_fn)(steps)), np.asarray(jax.jit(mom_fn)(steps))
+
+    torch_lr, torch_mom = _torch_one_cycle(config.optim, config.num_epochs)
+    np.testing.assert_allclose(lr, np.repeat(torch_lr, steps_per_epoch), rtol=2e-6, atol=0)
+    np.testing.assert_allclose(mom, np.repeat(torch_mom, steps_per_epoch), rtol=2e-7, atol=0)
+    # The shape the reference describes: lr/25 -> 0.2 at epoch 9 -> lr/25/1e4; 0.95 -> 0.85 -> 0.95.
+    assert lr[0] == pytest.approx(0.2 / 25) and lr[9 * 98] == pytest.approx(0.2)
+    assert lr[-1] == pytest.approx(torch_lr[-1]) and torch_lr[-1] == pytest.approx(0.2 / 25 / 1e4)
+    assert mom[0] == pytest.approx(0.95) and mom[9 * 98] == pytest.approx(0.85)
+    assert np.all(lr[:98] == lr[0])  # constant within an epoch
+
+
+def test_optax_trajectory_equals_torch_sgd_with_cycling_momentum():
+    """Nesterov SGD + weight decay + OneCycleLR (lr and momentum) stepped per epoch, on a toy
+    least-squares problem: torch's parameters after every step equal optax's."""
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    oc = config.optim
+    oc.warmup_fraction = 0.25  # a warm-up of a few epochs, so the momentum cycle is visible
+    oc.weight_decay_batchnorm = True
+    num_epochs, steps_per_epoch = 8, 5
+    total = num_epochs * steps_per_epoch
+    lr_fn = optim.make_schedule(oc, steps_per_epoch, total)
+    mom_fn = optim.make_momentum_schedule(oc, steps_per_epoch, total)
+    tx = optim.make_optimizer(oc, lr_fn, mom_fn)
+
+    rng = np.random.default_rng(0)
+    a = (0.5 * rng.normal(size=(total, 6, 4))).astype(np.float32)  # a contraction at lr 0.2
+    b = rng.normal(size=(total, 6)).astype(np.float32)
+    w0 = rng.normal(size=(4,)).astype(np.float32)
+
+    def loss(w, a_i, b_i):
+        return 0.5 * jnp.sum(jnp.square(a_i @ w["w"] - b_i))
+
+    @jax.jit
+    def step(w, opt_state, a_i, b_i):
+        updates, opt_state = tx.update(jax.grad(loss)(w, a_i, b_i), opt_state, w)
+        return optax.apply_updates(w, updates), opt_state
+
+    w = {"w": jnp.asarray(w0)}
+    opt_state = tx.init(w)
+    ours = []
+    for i in range(total):
+        w, opt_state = step(w, opt_state, a[i], b[i])
+        ours.append(np.asarray(w["w"]))
+
+    tw = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch.optim.SGD(
+        [tw], lr=oc.learning_rate, momentum=0.9, nesterov=True, weight_decay=oc.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=oc.learning_rate, pct_start=oc.warmup_fraction, total_steps=num_epochs
+    )
+    theirs, moms = [], set()
+    for e in range(num_epochs):
+        for j in range(steps_per_epoch):
+            i = e * steps_per_epoch + j
+            opt.zero_grad()
+            loss_t = 0.5 * ((torch.from_numpy(a[i]) @ tw - torch.from_numpy(b[i])) ** 2).sum()
+            loss_t.backward()
+            opt.step()
+            theirs.append(tw.detach().numpy().copy())
+        moms.add(round(opt.param_groups[0]["momentum"], 6))
+        sched.step()
+    assert len(moms) >= 5  # the momentum really changed from epoch to epoch
+    np.testing.assert_allclose(np.stack(ours), np.stack(theirs), rtol=1e-5, atol=1e-6)
+
+
+def test_ddpm_epoch_counts_the_full_50000_images():
+    """The reference's epoch is ceil(50000 / batch) iterations although 1024 images are held out:
+    48976 training images at batch 512 give 98 steps, not ceil(48976 / 512) = 96."""
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    n = 50000 - config.dataset.num_validation
+    images = np.zeros((n, 1, 1, 1), np.uint8)
+    train = Split(images, np.zeros((n,), np.int32))
+    ds = Dataset("fake", 10, (1, 1, 1), (0.5,), (0.5,), train, train, train, generated=train)
+    kw = dict(process_index=0, process_count=1)
+    batcher = TrainBatcher(
+        ds,
+        config.batch_size,
+        0,
+        config.dataset.real_fraction,
+        **kw,
+        epoch_size=config.dataset.epoch_size,
+    )
+    assert batcher.steps_per_epoch == math.ceil(50000 / 512) == 98
+    assert TrainBatcher(ds, 512, 0, 0.3, **kw).steps_per_epoch == 96  # option: the split's size
+    with pytest.raises(ValueError, match="config.dataset.epoch_size"):
+        TrainBatcher(ds, 512, 0, 0.3, **kw, epoch_size=-1)
+
+
+# ------------------------------------------------------------ attacks vs PyTorch transcriptions
+
+
+def _random_variables(shapes, seed: int):
+    """Random parameters (He-scaled kernels, BN scale/bias near 1/0) and BN statistics."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = path[-1].key
+        if name == "mean":
+            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+        if name == "bias":
+            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
+        fan_in = int(np.prod(s.shape[:-1]))
+        return rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def _models(name: str, kw: dict, shape: tuple[int, ...], seed: int = 1):
+    """A Flax model with random variables and the same weights in the exported torch model."""
+    from score_jax import models
+    from score_jax.torch_bridge import build_torch_model, export_state_dict
+
+    flax_model = models.get_model(name, 10, conv_impl="xla", **kw)
+    shapes = jax.eval_shape(
+        lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
+    )
+    variables = _random_variables(shapes, seed)
+    torch_model = build_torch_model(name, 10, **kw)
+    torch_model.load_state_dict(export_state_dict(name, variables), strict=True)
+    return flax_model, variables, torch_model
+
+
+def _state(variables):
+    from score_jax import train
+
+    return train.TrainState.create(
+        apply_fn=None,
+        params=variables["params"],
+        tx=optax.sgd(0.1),
+        batch_stats=variables["batch_stats"],
+        ema_params=variables["params"],
+    )
+
+
+def _nchw(a) -> "torch.Tensor":
+    return torch.from_numpy(np.array(a)).permute(0, 3, 1, 2).contiguous()
+
+
+def _nhwc(t: "torch.Tensor") -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _torch_trades_lse_attack(model, x, delta0, eps, step_size, steps, attack):
+    """gowal21uncovering/utils/trades.py `trades_loss_LSE`'s attack, transcribed (CPU)."""
+    model.train()
+    for m in model.modules():  # track_bn_stats(model, False)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = False
+    p_natural = torch.nn.functional.softmax(model(x), dim=1).detach()
+    if attack == "linf-pgd":
+        x_adv = torch.clamp(x.detach() + delta0, 0.0, 1.0)
+        for _ in range(steps):
+            x_adv.requires_grad_()
+            output_adv = torch.nn.functional.softmax(model(x_adv), dim=1)
+            loss_lse = torch.sum((output_adv - p_natural) ** 2)
+            grad = torch.autograd.grad(loss_lse, [x_adv])[0]
+            x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+            x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    else:
+        batch_size = len(x)
+        delta = delta0.clone().requires_grad_(True)
+        optimizer_delta = torch.optim.SGD([delta], lr=eps / steps * 2)
+        for _ in range(steps):
+            adv = x + delta
+            optimizer_delta.zero_grad()
+            output_adv = torch.nn.functional.softmax(model(adv), dim=1)
+            loss = (-1) * torch.sum((output_adv - p_natural) ** 2)
+            loss.backward()
+            grad_norms = delta.grad.view(batch_size, -1).norm(p=2, dim=1)
+            delta.grad.div_(grad_norms.view(-1, 1, 1, 1))
+            assert not (grad_norms == 0).any()  # the random branch is not transcribed
+            optimizer_delta.step()
+            delta.data.add_(x)
+            delta.data.clamp_(0, 1).sub_(x)
+            delta.data.renorm_(p=2, dim=0, maxnorm=eps)
+        x_adv = x + delta.detach()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = True
+    return torch.clamp(x_adv, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("variant", ["", "l2"])
+def test_ddpm_attack_equals_reference_trades_lse(variant):
+    from score_jax import attacks, train
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py", variant)
+    ac = config.attack
+    kw = dict(depth=10, width=1)  # a tiny WRN (SiLU) keeps both frameworks quick on CPU
+    flax_model, variables, torch_model = _models("wrn-16-2", kw, (8, 8, 3))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (8, 8, 8, 3)).astype(np.float32)
+    x[:2, :2] = 0.0  # pixels on the box's faces, where the clamping order matters
+    x[2:4, -2:] = 1.0
+    labels = jnp.arange(8) % 10
+    keys = jax.random.split(jax.random.key(5), 8)
+
+    @jax.jit
+    def ours(state, x, keys):
+        return train.adversarial_examples(flax_model, config, state, x, labels, keys)
+
+    state = _state(variables)
+    x_adv, stats = ours(state, jnp.asarray(x), keys)
+    delta0 = attacks.initial_delta(keys, jnp.asarray(x), eps=ac.eps, norm=ac.norm, init=ac.init)
+    if variant == "l2":
+        # Normalised (not sign) gradient steps carry float32 rounding along: each framework's
+        # float32 result lies ~5e-5 from the float64 transcription, so compare with that one
+        # (the Linf rule ball_then_box would be ~4e-2 away).
+        torch_model, to_torch = torch_model.double(), lambda a: _nchw(a).double()
+        attack, atol = "l2-pgd", 1e-4
+    else:
+        to_torch, attack, atol = _nchw, "linf-pgd", 2e-6
+    expected = _torch_trades_lse_attack(
+        torch_model, to_torch(x), to_torch(delta0), ac.eps, ac.step_size, ac.num_steps, attack
+    )
+    expected = _nhwc(expected)
+    x_adv = np.asarray(x_adv)
+    np.testing.assert_allclose(x_adv, expected, atol=atol, rtol=0)
+    # Not a degenerate comparison: the attack moved, and up to the ball's edge.
+    if variant == "l2":
+        assert ac.step_size == pytest.approx(2 * (128 / 255) / 10)
+        norms = np.sqrt(((x_adv - x) ** 2).reshape(8, -1).sum(-1))
+        assert norms.max() > 0.9 * ac.eps and norms.max() <= ac.eps + 1e-5
+    else:
+        assert np.abs(x_adv - x).max() == pytest.approx(8 / 255, abs=1e-6)
+        assert np.mean(np.abs(x_adv - x) > 7 / 255) > 0.5
+    # batch_frozen: the running averages are untouched.
+    chex_equal = jax.tree.map(np.array_equal, jax.device_get(stats), variables["batch_stats"])
+    assert all(jax.tree.leaves(chex_equal))
+
+
+def _biased_running_var(model):
+    """Makes torch's BatchNorm update running_var with the biased batch variance, as Flax does
+    (torch uses the unbiased one: a factor n/(n-1), n = batch x height x width, that the README
+    lists); nothing else about the updates changes."""
+
+    def pre(module, inputs):
+        module._old_var = module.running_var.clone()
+        module._batch_var = inputs[0].detach().var(dim=(0, 2, 3), unbiased=False)
+
+    def post(module, inputs, output):
+        if module.training and module.track_running_stats:
+            m = module.momentum
+            module.running_var.data.copy_((1 - m) * module._old_var + m * module._batch_var)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(pre)
+            module.register_forward_hook(post)
+
+
+def _torch_pgd_at_step_stats(model, x, y, delta0, eps, alpha, steps, attack_updates: bool):
+    """without_DDPM/train_cifar.py, one PGD-AT (SE) iteration: `attack_pgd_divergence` with the
+    model in train mode (every pass updates the running averages), then the loss's pass on
+    clamp(x + delta). Returns the BatchNorm buffers afterwards."""
+    f = torch.nn.functional
+    model.train()
+    onehot = f.one_hot(y, num_classes=10).float()
+    delta = torch.clamp(delta0.clone(), -x, 1 - x)
+    delta.requires_grad = True
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = attack_updates  # False: the alternative, for contrast
+    for _ in range(steps):
+        output = f.softmax(model(x + delta), dim=1)
+        loss = torch.sum((output - onehot) ** 2, dim=-1)
+        loss.mean().backward()
+        grad = delta.grad.detach()
+        delta.data = torch.clamp(delta + alpha * torch.sign(grad), min=-eps, max=eps)
+        delta.data = torch.clamp(delta, -x, 1 - x)
+        delta.grad.zero_()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = True
+    model(torch.clamp(x + delta.detach(), 0, 1))  # the loss's pass (train mode)
+    return {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}
+
+
+def test_basic_pgd_at_running_stats_equal_reference_after_one_step():
+    import copy
+
+    from score_jax import attacks, train
+    from score_jax.torch_bridge import export_state_dict
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_basic.py", "pgd_at-se")
+    assert config.attack.batchnorm == "batch_update"
+    config.augment.crop_padding, config.augment.flip = 0, False
+    config.model.name = "small-cnn"  # BN momentum 0.1 as PreAct-ResNet-18's, and quick
+    kw = dict(width=8, hidden=16)
+    flax_model, variables, torch_model = _models("small-cnn", kw, (8, 8, 3), seed=2)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 1.0, (8, 8, 8, 3)).astype(np.float32)
+    y = (np.arange(8) % 10).astype(np.int32)
+    batch = {"image": (x * 255).round().astype(np.uint8), "label": y, "pos": np.arange(8)}
+    x = batch["image"].astype(np.float32) / 255.0
+    mesh = train.make_mesh(jax.devices()[:1])
+    step_fn = train.compile_train_step(flax_model, config, optax.constant_schedule(0.05), 0, mesh)
+    key = train.base_key(0)
+    new_state, _ = step_fn(train.replicate(_state(variables), mesh), batch, key)
+
+    # The same start as the train step's attack: its per-example keys (train_step's fold 2).
+    keys = train.example_keys(key, jnp.asarray(0), jnp.arange(8))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 2)
+    ac = config.attack
+    delta0 = attacks.initial_delta(keys, jnp.asarray(x), eps=ac.eps, norm="linf", init="uniform")
+    args = (_nchw(x), torch.from_numpy(y).long(), _nchw(delta0), ac.eps, ac.step_size, 10)
+    reference_model = copy.deepcopy(torch_model)
+    _biased_running_var(reference_model)
+    expected = _torch_pgd_at_step_stats(reference_model, *args, attack_updates=True)
+    ours = export_state_dict(
+        "small-cnn",
+        {"params": new_state.params, "batch_stats": jax.device_get(new_state.batch_stats)},
+    )
+    for k, v in expected.items():
+        np.testing.assert_allclose(ours[k].numpy(), v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # Contrast: had only the loss's pass updated them, the statistics would be far off.
+    contrast_model = copy.deepcopy(torch_model)
+    _biased_running_var(contrast_model)
+    contrast = _torch_pgd_at_step_stats(contrast_model, *args, attack_updates=False)
+    k = "bn_0.running_mean" if "bn_0.running_mean" in contrast else sorted(contrast)[0]
+    assert np.abs(contrast[k] - expected[k]).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "path,variant,expected",
+    [
+        ("cifar10_ddpm.py", "", dict(init="uniform", batchnorm="batch_frozen", rotation=0.0)),
+        ("cifar10_ddpm.py", "l2", dict(init="normal", l2_rule="box_then_ball", rotation=0.0)),
+        ("cifar100_ddpm.py", "", dict(init="uniform", batchnorm="batch_frozen", rotation=15.0)),
+        ("cifar10_basic.py", "trades-se", dict(init="normal", batchnorm="eval", torch_init=True)),
+        ("cifar10_basic.py", "pgd_at-kl", dict(init="uniform", batchnorm="batch_update")),
+    ],
+)
+def test_configs_carry_the_reference_recipe(path, variant, expected):
+    """DESIGN.md section 8, field by field."""
+    c = config_lib.load_config_file(f"{CONFIGS}/{path}", variant)
+    config_lib.validate(c)
+    assert c.attack.init == expected["init"]
+    assert c.attack.batchnorm == expected.get("batchnorm", "batch_frozen")
+    assert c.attack.l2_rule == expected.get("l2_rule", "ball_then_box")
+    assert c.augment.rotation_degrees == expected.get("rotation", 0.0)
+    assert (c.model.init_scheme == "torch") == expected.get(
+        "torch_init", path == "cifar10_basic.py"
+    )
+    if "ddpm" in path:
+        assert (c.optim.schedule, c.optim.schedule_unit, c.optim.cycle_momentum) == (
+            "one_cycle",
+            "epoch",
+            True,
+        )
+        assert c.dataset.epoch_size == 50000
