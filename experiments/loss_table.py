@@ -151,6 +151,7 @@ def make_config(row: Row, seed: int, budget: Budget) -> ml_collections.ConfigDic
     c.eval_every_epochs = budget.eval_every_epochs
     c.eval.pgd.num_steps = budget.val_steps
     c.test.pgd.num_steps = budget.test_steps
+    del c.test["autoattack"]  # the table's AutoAttack column: pyautoattack on the export
     c.progress_bar = False
     c.autoattack.version = "custom"
     c.autoattack.attacks = AA_ATTACKS

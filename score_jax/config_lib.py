@@ -41,6 +41,36 @@ def pgd_evaluator(
     )
 
 
+def autoattack_evaluator(
+    attack: ml_collections.ConfigDict,
+    *,
+    version: str = "standard",
+    attacks: tuple[str, ...] = (),
+    num_examples: int = -1,
+    params: str = "best_by",
+) -> ml_collections.ConfigDict:
+    """An "autoattack" evaluator: the JAX AutoAttack (score_jax.autoattack) at config.attack's eps
+    and norm (references, as pgd_evaluator's). version "standard" (APGD-CE, APGD-T, FAB-T,
+    Square) or "custom" (`attacks`); the iteration counts are AutoAttack's standard ones;
+    `num_examples`: the first n examples (-1: all); `params`: "best_by" evaluates only
+    config.best_by's parameters (AutoAttack is the costly evaluator), "all" both."""
+    return ml_collections.ConfigDict(
+        dict(
+            kind="autoattack",
+            version=version,
+            attacks=tuple(attacks),
+            num_examples=num_examples,
+            params=params,
+            apgd_iters=100,
+            fab_iters=100,
+            targets=9,
+            square_queries=5000,
+            eps=attack.get_ref("eps").identity(),
+            norm=attack.get_ref("norm").identity(),
+        )
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults of the paper's basic setting (PreAct-ResNet-18, CIFAR-10, Linf 8/255)."""
     c = ml_collections.ConfigDict()
@@ -367,10 +397,10 @@ def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
     for section in ("eval", "test"):
         for name, e in evaluate.evaluator_specs(config[section]).items():
             f = f"config.{section}.{name}"
-            kinds = ", ".join(evaluate.EVALUATORS)
-            _require(
-                e.get("kind") in evaluate.EVALUATORS, f"{f}.kind={e.get('kind')!r}; valid: {kinds}"
-            )
+            kinds = ", ".join(evaluate.KINDS)
+            _require(e.get("kind") in evaluate.KINDS, f"{f}.kind={e.get('kind')!r}; valid: {kinds}")
+            if e.kind == "autoattack":
+                _validate_autoattack(f, e)
             if e.kind == "pgd":
                 _require(e.num_steps >= 0, f"{f}.num_steps={e.num_steps} must be >= 0")
                 _require(
@@ -399,3 +429,24 @@ def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
         ties in evaluate.SELECT_TIES,
         f"config.eval.select_ties={ties!r}; valid: {evaluate.SELECT_TIES}",
     )
+
+
+def _validate_autoattack(f: str, e: ml_collections.ConfigDict) -> None:
+    """An "autoattack" evaluator's fields (f: its dotted name)."""
+    from score_jax import autoattack
+
+    versions = ("standard", "custom")
+    _require(e.version in versions, f"{f}.version={e.version!r}; valid: {versions}")
+    bad = [a for a in e.attacks if a not in autoattack.ATTACKS]
+    _require(not bad, f"{f}.attacks has unknown {bad}; valid: {autoattack.ATTACKS}")
+    _require(
+        (e.version == "custom") == bool(e.attacks),
+        f"{f}.attacks={tuple(e.attacks)!r}: a non-empty list with version='custom' only",
+    )
+    _require(e.num_examples == -1 or e.num_examples > 0, f"{f}.num_examples: -1 (all) or > 0")
+    _require(e.params in ("best_by", "all"), f"{f}.params={e.params!r}; valid: best_by, all")
+    for k in ("apgd_iters", "fab_iters", "targets", "square_queries"):
+        _require(isinstance(e[k], int) and e[k] >= 1, f"{f}.{k}={e[k]!r} must be an int >= 1")
+    _require(e.targets <= 9, f"{f}.targets={e.targets} must be <= 9 (classes - 1 at most)")
+    _require(e.eps > 0, f"{f}.eps={e.eps} must be > 0")
+    _require(e.norm in attacks.NORMS, f"{f}.norm={e.norm!r}; valid: {attacks.NORMS}")

@@ -2,10 +2,11 @@
 best-checkpoint selection rule.
 
 `config.eval` (validation: selection) and `config.test` name their evaluators as sub-ConfigDicts
-with a `kind` (EVALUATORS); plain fields (`select_by`, `select_ties`) are settings. Each evaluator
-compiles to its own jitted step; the clean accuracy is computed once per parameter set.
+with a `kind` (EVALUATORS: batch by batch; SPLIT_EVALUATORS: on the whole split, AutoAttack);
+plain fields (`select_by`, `select_ties`) are settings. Each evaluator compiles to its own jitted
+step; the clean accuracy is computed once per parameter set.
 
-    steps = compile_steps(model, evaluator_specs(config.test), mesh)
+    steps = compile_steps(model, evaluator_specs(config.test), mesh, batch_size=batch_size)
     run_evaluators(steps, variables, split, batch_size, mesh, key)
     # -> {"clean_accuracy": .., "pgd_accuracy": .., "num_examples": ..}
 
@@ -26,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from score_jax import attacks, data, losses
+from score_jax.errors import ConfigError
 from score_jax.train import AXIS, shard_batch
 
 Array = jax.Array
@@ -66,10 +68,81 @@ def pgd_evaluator(spec: ml_collections.ConfigDict) -> CorrectFn:
     return correct
 
 
+class SplitEvaluator:
+    """An evaluator that runs on a whole split at once rather than batch by batch: AutoAttack,
+    whose later stages attack only the examples still robust (score_jax.autoattack.suite).
+
+    Called as (variables, split, key) -> {"accuracy", "<attack>_accuracy" after each stage,
+    "num_examples"}; its stages compile once and are reused on every call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: ml_collections.ConfigDict,
+        mesh: Mesh,
+        batch_size: int,
+    ):
+        from score_jax import autoattack
+
+        self.spec, self.mesh, self.batch_size = spec, mesh, batch_size
+        self.model = model
+        self.attacks = autoattack.resolve_attacks(spec.version, spec.attacks)
+        self.options = autoattack_options(spec, self.attacks)
+        self.stage_fns = autoattack.make_stage_fns(
+            model,
+            eps=spec.eps,
+            norm=spec.norm,
+            mesh=mesh,
+            version=spec.version,
+            attacks=spec.attacks,
+            options=self.options,
+        )
+
+    def __call__(self, variables: dict, split: data.Split, key: np.ndarray) -> dict[str, float]:
+        from score_jax import autoattack
+
+        r = autoattack.evaluate(
+            self.model,
+            variables,
+            split,
+            eps=self.spec.eps,
+            norm=self.spec.norm,
+            version=self.spec.version,
+            attacks=self.spec.attacks,
+            batch_size=self.batch_size,
+            mesh=self.mesh,
+            key=key,
+            num_examples=self.spec.num_examples,
+            stage_fns=self.stage_fns,
+        )
+        out = {"accuracy": r["robust_accuracy"], "num_examples": r["num_examples"]}
+        for stage in r["stages"]:
+            out[f"{stage['attack'].replace('-', '_')}_accuracy"] = stage["robust_accuracy"]
+        return out
+
+
+def autoattack_options(
+    spec: ml_collections.ConfigDict, attacks: tuple[str, ...]
+) -> dict[str, dict]:
+    """Per-attack options of an "autoattack" spec: apgd_iters / fab_iters (100), targets (9),
+    square_queries (5000) are AutoAttack's standard values; smaller ones make a quick look."""
+    per_attack = {
+        "apgd-ce": dict(n_iter=spec.apgd_iters),
+        "apgd-t": dict(n_iter=spec.apgd_iters, n_target_classes=spec.targets),
+        "fab-t": dict(n_iter=spec.fab_iters, n_target_classes=spec.targets),
+        "square": dict(n_queries=spec.square_queries),
+    }
+    return {a: per_attack[a] for a in attacks}
+
+
 # kind -> builder of the evaluator's per-example correctness from its spec.
 EVALUATORS: dict[str, Callable[[ml_collections.ConfigDict], CorrectFn]] = {
     "pgd": pgd_evaluator,
 }
+# kind -> SplitEvaluator class (built with the model, spec, mesh and eval batch size).
+SPLIT_EVALUATORS: dict[str, type[SplitEvaluator]] = {"autoattack": SplitEvaluator}
+KINDS = (*EVALUATORS, *SPLIT_EVALUATORS)
 
 
 def evaluator_specs(section: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -110,16 +183,25 @@ def compile_step(model: nn.Module, correct_fn: CorrectFn, mesh: Mesh) -> StepFn:
 
 
 def compile_steps(
-    model: nn.Module, specs: dict[str, ml_collections.ConfigDict], mesh: Mesh
-) -> dict[str, StepFn]:
-    """{"clean": step, <name>: step for each evaluator}; unknown kinds raise ValueError."""
-    steps = {CLEAN: compile_step(model, clean_correct, mesh)}
+    model: nn.Module,
+    specs: dict[str, ml_collections.ConfigDict],
+    mesh: Mesh,
+    *,
+    batch_size: int | None = None,
+) -> dict[str, StepFn | SplitEvaluator]:
+    """{"clean": step, <name>: step (or SplitEvaluator) for each evaluator}; unknown kinds raise
+    ConfigError. `batch_size`: the global batch of the split evaluators (AutoAttack)."""
+    steps: dict[str, StepFn | SplitEvaluator] = {CLEAN: compile_step(model, clean_correct, mesh)}
     for name, spec in specs.items():
-        if spec.get("kind") not in EVALUATORS:
-            raise ValueError(
-                f"evaluator {name!r}: kind={spec.get('kind')!r}; valid: {', '.join(EVALUATORS)}"
-            )
-        steps[name] = compile_step(model, EVALUATORS[spec.kind](spec), mesh)
+        kind = spec.get("kind")
+        if kind in EVALUATORS:
+            steps[name] = compile_step(model, EVALUATORS[kind](spec), mesh)
+        elif kind in SPLIT_EVALUATORS:
+            if not batch_size:
+                raise ValueError(f"evaluator {name!r} ({kind}) needs compile_steps' batch_size")
+            steps[name] = SPLIT_EVALUATORS[kind](model, spec, mesh, batch_size)
+        else:
+            raise ConfigError(f"evaluator {name!r}: kind={kind!r}; valid: {', '.join(KINDS)}")
     return steps
 
 
@@ -142,9 +224,10 @@ def run_evaluators(
     """
     totals: dict[str, dict[str, Array]] = {}
     name_keys = {name: _evaluator_key(key, name) for name in steps}
+    batched = {k: v for k, v in steps.items() if not isinstance(v, SplitEvaluator)}
     for i, host_batch in enumerate(data.eval_batches(split, batch_size)):
         batch = shard_batch(host_batch, mesh)
-        for name, step in steps.items():
+        for name, step in batched.items():
             batch_key = np.asarray(jax.random.key_data(jax.random.fold_in(name_keys[name], i)))
             sums = step(variables, batch, batch_key)
             totals[name] = sums if i == 0 else jax.tree.map(jnp.add, totals[name], sums)
@@ -152,6 +235,14 @@ def run_evaluators(
     count = totals_host[CLEAN]["count"]
     out = {f"{name}_accuracy": t["correct"] / max(count, 1.0) for name, t in totals_host.items()}
     out["num_examples"] = int(count)
+    for name, evaluator in steps.items():
+        if isinstance(evaluator, SplitEvaluator):
+            r = evaluator(variables, split, np.asarray(jax.random.key_data(name_keys[name])))
+            out[f"{name}_accuracy"] = r.pop("accuracy")
+            n = r.pop("num_examples")
+            if n != out["num_examples"]:  # spec.num_examples: only the first n examples
+                out[f"{name}_num_examples"] = n
+            out.update({f"{name}_{k}": v for k, v in r.items()})
     return out
 
 

@@ -123,7 +123,12 @@ def _summary_table(rows: dict[str, dict[str, float]], names: list[str]) -> str:
     width = max(10, *(len(n) + 2 for n in names))
     lines = [f"{'':<16}" + "".join(f"{n:>{width}}" for n in names) + f"{'n':>8}"]
     for params, r in rows.items():
-        cells = "".join(f"{100 * r[f'{n}_accuracy']:>{width - 1}.2f}%" for n in names)
+        cells = "".join(
+            f"{100 * r[f'{n}_accuracy']:>{width - 1}.2f}%"
+            if f"{n}_accuracy" in r
+            else f"{'-':>{width}}"
+            for n in names
+        )
         lines.append(f"{params + ' params':<16}{cells}{r['num_examples']:>8d}")
     return "\n".join(lines)
 
@@ -194,10 +199,14 @@ class Setup:
         """The compiled steps ("clean" and each evaluator) of config.<section> (built once), or
         of the given {name: evaluator spec}."""
         if not isinstance(section, str):
-            return evaluate.compile_steps(self.model, section, self.mesh)
+            return evaluate.compile_steps(
+                self.model, section, self.mesh, batch_size=self.config.eval_batch_size
+            )
         if section not in self._eval_steps:
             specs = evaluate.evaluator_specs(self.config[section])
-            self._eval_steps[section] = evaluate.compile_steps(self.model, specs, self.mesh)
+            self._eval_steps[section] = evaluate.compile_steps(
+                self.model, specs, self.mesh, batch_size=self.config.eval_batch_size
+            )
         return self._eval_steps[section]
 
     def evaluate(
@@ -205,13 +214,23 @@ class Setup:
         section: str | dict[str, ml_collections.ConfigDict],
         variables: dict,
         split: data.Split,
+        params: str | None = None,
     ) -> dict[str, float]:
         """config.<section>'s evaluators (or the given ones) on `variables` ({"params",
         "batch_stats"}) and `split`: {"clean_accuracy", "<evaluator>_accuracy", ..,
-        "num_examples"}."""
+        "num_examples"}. `params` ("ema" / "raw"): which parameters these are; evaluators with
+        `params="best_by"` (AutoAttack) then run only on config.best_by's."""
         key = np.asarray(jax.random.key_data(jax.random.key(self.config.seed + 1)))
+        steps = self.eval_steps(section)
+        if params is not None and params != self.config.best_by:
+            specs = self.config[section] if isinstance(section, str) else section
+            steps = {
+                k: v
+                for k, v in steps.items()
+                if k == evaluate.CLEAN or specs[k].get("params") != "best_by"
+            }
         return evaluate.run_evaluators(
-            self.eval_steps(section),
+            steps,
             variables,
             split,
             self.config.eval_batch_size,
@@ -227,7 +246,7 @@ class Setup:
         chosen = {"ema": state.ema_params, "raw": state.params}
         return {
             name: self.evaluate(
-                section, {"params": chosen[name], "batch_stats": state.batch_stats}, split
+                section, {"params": chosen[name], "batch_stats": state.batch_stats}, split, name
             )
             for name in PARAMS
         }
@@ -472,4 +491,8 @@ def _describe(spec: ml_collections.ConfigDict) -> str:
     """A short description of an evaluator, e.g. "PGD-20 (ce) linf eps=0.03137"."""
     if spec.kind == "pgd":
         return f"PGD-{spec.num_steps} ({spec.objective}) {spec.norm} eps={spec.eps:.4g}"
+    if spec.kind == "autoattack":
+        shown = spec.version if spec.version != "custom" else ", ".join(spec.attacks)
+        n = "" if spec.num_examples == -1 else f", first {spec.num_examples}"
+        return f"AutoAttack {shown} (JAX) {spec.norm} eps={spec.eps:.4g}{n}"
     return spec.kind

@@ -6,6 +6,13 @@ import os
 from score_jax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/digits.py's JAX AutoAttack at test size: APGD-CE, 2 iterations, 60 examples.
+AUTOATTACK_QUICK = {
+    "test.autoattack.version": "custom",
+    "test.autoattack.attacks": ("apgd-ce",),
+    "test.autoattack.apgd_iters": 2,
+    "test.autoattack.num_examples": 60,
+}
 OVERRIDES = [
     "--config.num_train_steps=3",
     "--config.model.width=4",
@@ -16,6 +23,7 @@ OVERRIDES = [
     "--config.attack.num_steps=2",
     "--config.eval.pgd.num_steps=1",
     "--config.test.pgd.num_steps=1",
+    *(f"--config.{k}={v}" for k, v in AUTOATTACK_QUICK.items()),
     "--config.eval_every_epochs=0",
     "--config.progress_bar=False",
 ]

@@ -175,6 +175,7 @@ def _tiny_config(**overrides):
     c.eval.pgd_se = config_lib.pgd_evaluator(c.attack, objective="se", num_steps=1, step_size=0.05)
     c.eval.select_by = ("pgd", "pgd_se")
     c.test.pgd.num_steps = 1
+    del c.test["autoattack"]  # its own tests: tests/test_autoattack.py, test_train.py
     c.test.pgd_se = config_lib.pgd_evaluator(c.attack, objective="se", num_steps=1, step_size=0.05)
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 100

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from cli_helpers import AUTOATTACK_QUICK
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pyautoattack")
@@ -168,6 +169,7 @@ E2E_OVERRIDES = {
     "ema.decay": 0.9,
     "eval.pgd.num_steps": 0,
     "test.pgd.num_steps": 0,
+    **AUTOATTACK_QUICK,
     "eval_every_epochs": 0,
     "progress_bar": False,
 }

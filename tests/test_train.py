@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import AUTOATTACK_QUICK
 
 from score_jax import checkpoint, config_lib, evaluate, train, trainer
 
@@ -35,6 +36,7 @@ def tiny_config(loss_type: str = "trades", **overrides):
     c.progress_bar = False
     c.loss.type = loss_type
     c.attack.init = "normal" if loss_type == "trades" else "uniform"
+    c.update_from_flattened_dict(AUTOATTACK_QUICK)
     c.update_from_flattened_dict(overrides)
     return c
 

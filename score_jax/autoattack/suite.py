@@ -178,9 +178,27 @@ def _run_on(fn, variables, split, index, batch_size, buckets, mesh, key, stage) 
             "mask": np.concatenate([np.ones((len(idx),)), np.zeros((pad,))]).astype(np.float32),
             "key": _example_keys(key, stage, np.concatenate([idx, np.zeros((pad,), idx.dtype)])),
         }
-        robust = fn(variables, shard_batch(batch, mesh))
-        out[start : start + len(idx)] = np.asarray(robust)[: len(idx)]
+        out[start : start + len(idx)] = _global_flags(fn(variables, _local(batch, mesh)))[
+            : len(idx)
+        ]
     return out
+
+
+def _local(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
+    """The global batch on the mesh; each process passes its contiguous rows (every process
+    holds the whole batch here)."""
+    count, index = jax.process_count(), jax.process_index()
+    rows = len(batch["label"]) // count
+    return shard_batch({k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}, mesh)
+
+
+def _global_flags(robust: Array) -> np.ndarray:
+    """All rows of a batch-sharded result on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(robust)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(robust, tiled=True))
 
 
 def evaluate(
@@ -202,12 +220,11 @@ def evaluate(
     """AutoAttack robust accuracy of `variables` on the first `num_examples` of `split` (-1: all).
 
     Returns {"clean_accuracy", "robust_accuracy", "stages": [{"attack", "robust_accuracy",
-    "seconds"}, ...], "num_examples"}. Single-process: every host must hold the whole split.
+    "seconds"}, ...], "num_examples"}. Multi-process runs: every process holds the whole split
+    and passes its rows of each global batch; the robust flags are gathered on every host.
     `key` is raw PRNG key data (`train.base_key`). `stage_fns` (from `make_stage_fns`, whose
     eps, norm and options are then the ones that run) skips compiling again.
     """
-    if jax.process_count() != 1:
-        raise ConfigError("autoattack.evaluate runs in a single process (jax.process_count() > 1)")
     names = resolve_attacks(version, attacks)
     devices = mesh.devices.size
     if batch_size <= 0 or batch_size % devices:
