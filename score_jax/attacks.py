@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from score_jax import losses
+from score_jax.errors import ConfigError
 
 Array = jax.Array
 Objective = Callable[[Array], Array]
@@ -74,15 +75,15 @@ def _init_delta(keys: Array, x: Array, *, eps: float, norm: str, init: str) -> A
 
 def _check(eps: float, step_size: float, num_steps: int, norm: str, init: str, restarts: int):
     if norm not in NORMS:
-        raise ValueError(f"attack norm must be one of {NORMS}, got {norm!r}")
+        raise ConfigError(f"attack norm must be one of {NORMS}, got {norm!r}")
     if init not in INITS:
-        raise ValueError(f"attack init must be one of {INITS}, got {init!r}")
+        raise ConfigError(f"attack init must be one of {INITS}, got {init!r}")
     if eps < 0:
-        raise ValueError(f"attack eps must be >= 0, got {eps}")
+        raise ConfigError(f"attack eps must be >= 0, got {eps}")
     if step_size <= 0 and num_steps > 0:
-        raise ValueError(f"attack step_size must be > 0, got {step_size}")
+        raise ConfigError(f"attack step_size must be > 0, got {step_size}")
     if num_steps < 0 or restarts < 1:
-        raise ValueError(f"need num_steps >= 0 and restarts >= 1, got {num_steps}, {restarts}")
+        raise ConfigError(f"need num_steps >= 0 and restarts >= 1, got {num_steps}, {restarts}")
 
 
 def pgd(
@@ -188,4 +189,4 @@ def eval_objective(name: str, logits_fn: LogitsFn, labels: Array) -> Objective:
         return label_objective(logits_fn, labels)
     if name == "cw":
         return cw_objective(logits_fn, labels)
-    raise ValueError(f"unknown attack objective {name!r}; valid: {EVAL_OBJECTIVES}")
+    raise ConfigError(f"unknown attack objective {name!r}; valid: {EVAL_OBJECTIVES}")

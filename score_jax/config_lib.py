@@ -5,13 +5,18 @@ the paper's values filled in. Every field is overridable as `--config.a.b=value`
 """
 
 import importlib.util
+import math
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from score_jax import attacks, losses, optim
 from score_jax.data import DATASET_NAMES
+from score_jax.errors import ConfigError
 
 CIFAR10_EPS = 8 / 255
 
@@ -33,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.best_by = "ema"  # "ema" | "raw": whose validation PGD accuracy selects the best checkpoint
     c.resume_ignore_mismatch = False
     c.resume_fallback = False  # a corrupt newest checkpoint: resume from the previous one
+    c.resume_extend = False  # resume with another num_train_steps / num_epochs (new schedule)
     c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
     c.progress_bar = True
 
@@ -95,7 +101,7 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     options = {v for v in variant.split(",") if v}
     unknown = options - {"beta3", "l2", "wrn-70-16"}
     if unknown:
-        raise ValueError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
+        raise ConfigError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
     c = base_config()
     c.dataset.name = dataset
     c.dataset.num_validation = 1024
@@ -159,93 +165,235 @@ def eval_attack(config: ml_collections.ConfigDict, section: str) -> ml_collectio
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
+
+
+# --- Validation: one check per field, then the relations between fields ----------------------
+#
+# FIELD_CHECKS maps each dotted field to (predicate, requirement); validate() reports the first
+# failing field as "config.<field>=<value> must be <requirement>". A field in no table is a
+# defect (tests/test_bad_inputs.py walks every shipped config): add a check or list it in
+# FREE_FORM. The model's own fields (model.width, model.depth, ...) are checked by _check_model.
+
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
+AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+_MODEL_RESERVED = ("name", "activation", "conv_impl", "dtype")
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(lo: int, *, or_value: int | None = None) -> Check:
+    text = f"an integer >= {lo}" + ("" if or_value is None else f" (or {or_value})")
+    return (lambda v: _is_int(v) and (v >= lo or v == or_value)), text
+
+
+def _real(lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False, none=False) -> Check:
+    def ok(v: Any) -> bool:
+        if v is None:
+            return none
+        if not _is_real(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+    return ok, f"a finite number in {interval}" + (" or None" if none else "")
+
+
+def _choice(options: Sequence[str]) -> Check:
+    options = tuple(options)
+    return (lambda v: isinstance(v, str) and v in options), f"one of {options}"
+
+
+_BOOL: Check = (lambda v: isinstance(v, bool), "True or False")
+_STRING: Check = (lambda v: isinstance(v, str), "a string")
+_PROB: Check = _real(0.0, 1.0, hi_open=True)  # [0, 1)
+_FRACTION: Check = _real(0.0, 1.0)  # [0, 1]
+
+
+def _lr_boundaries_ok(v: Any) -> bool:
+    return (
+        isinstance(v, tuple | list)
+        and all(_is_real(e) and e >= 0 for e in v)
+        and list(v) == sorted(v)
+    )
+
+
+def _aa_attacks_ok(v: Any) -> bool:
+    items = (v,) if isinstance(v, str) else v
+    if not isinstance(items, tuple | list):
+        return False
+    names = [a.strip() for item in items for a in str(item).split(",") if a.strip()]
+    return all(a in AUTOATTACK_NAMES for a in names)
+
+
+def _pgd_checks(section: str, eval_section: bool) -> dict[str, Check]:
+    checks = {
+        f"{section}.num_steps": _integer(0),
+        f"{section}.step_size": _real(0.0),
+        f"{section}.init": _choice(attacks.INITS),
+    }
+    if section == "attack":
+        checks["attack.norm"] = _choice(attacks.NORMS)
+        checks["attack.eps"] = _real(0.0)
+    if eval_section:
+        checks[f"{section}.objective"] = _choice(attacks.EVAL_OBJECTIVES)
+        checks[f"{section}.restarts"] = _integer(1)
+    return checks
+
+
+def field_checks() -> dict[str, Check]:
+    """dotted field -> (predicate, requirement) for every field of base_config()."""
+    from score_jax.models import ACTIVATIONS, CONV_IMPLS, MODEL_NAMES
+
+    return {
+        "seed": _integer(0),
+        "batch_size": _integer(1),
+        "eval_batch_size": _integer(1),
+        "num_epochs": _real(0.0),
+        "num_train_steps": _integer(1, or_value=-1),
+        "log_every_steps": _integer(1),
+        "eval_every_epochs": _integer(0),
+        "checkpoint_every_steps": _integer(1),
+        "keep_checkpoints": _integer(1),
+        "best_by": _choice(("ema", "raw")),
+        "resume_ignore_mismatch": _BOOL,
+        "resume_fallback": _BOOL,
+        "resume_extend": _BOOL,
+        "sync_batch_stats": _BOOL,
+        "progress_bar": _BOOL,
+        "dataset.name": _choice(DATASET_NAMES),
+        "dataset.data_dir": _STRING,
+        "dataset.num_validation": _integer(0),
+        "dataset.ddpm_path": _STRING,
+        "dataset.real_fraction": _real(0.0, 1.0, lo_open=True),
+        "augment.crop_padding": _integer(0),
+        "augment.flip": _BOOL,
+        "model.name": _choice(MODEL_NAMES),
+        "model.activation": _choice(("", *ACTIVATIONS)),
+        "model.conv_impl": _choice(CONV_IMPLS),
+        "model.dtype": _choice(("float32", "bfloat16")),
+        "loss.type": _choice(("trades", "pgd_at")),
+        "loss.kind": _choice(losses.DIVERGENCES),
+        "loss.beta": _real(0.0),
+        "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
+        "loss.clip_clean": _BOOL,
+        "loss.label_smoothing": _PROB,
+        **_pgd_checks("attack", eval_section=False),
+        **_pgd_checks("eval", eval_section=True),
+        **_pgd_checks("test", eval_section=True),
+        "optim.learning_rate": _real(0.0, lo_open=True),
+        "optim.momentum": _PROB,
+        "optim.nesterov": _BOOL,
+        "optim.weight_decay": _real(0.0),
+        "optim.weight_decay_batchnorm": _BOOL,
+        "optim.grad_clip_norm": _real(0.0, lo_open=True, none=True),
+        "optim.schedule": _choice(optim.SCHEDULES),
+        "optim.lr_boundaries_epochs": (
+            _lr_boundaries_ok,
+            "a non-decreasing sequence of finite numbers >= 0",
+        ),
+        "optim.lr_decay_factor": _real(0.0, lo_open=True),
+        "optim.warmup_fraction": _FRACTION,
+        "optim.warmup_div": _real(0.0, lo_open=True),
+        "ema.decay": _PROB,
+        "ema.warmup_fraction": _FRACTION,
+        "autoattack.num_examples": _integer(1, or_value=-1),
+        "autoattack.batch_size": _integer(1),
+        "autoattack.version": _choice(AUTOATTACK_VERSIONS),
+        "autoattack.attacks": (_aa_attacks_ok, f"a sequence of names of {AUTOATTACK_NAMES}"),
+    }
+
+
+# Fields that take any value (none today: even paths are type-checked).
+FREE_FORM: tuple[str, ...] = ()
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{dotted field: value} of every leaf of `config`."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def is_checked(field: str, config: ml_collections.ConfigDict) -> bool:
+    """Whether validate() checks `field` of `config` (or it is listed as FREE_FORM)."""
+    from score_jax import models
+
+    if field in field_checks() or field in FREE_FORM:
+        return True
+    section, _, name = field.partition(".")
+    return section == "model" and name in models.model_fields(config.model.name)
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    """config.model's own fields: each a field of the model, a positive int (or tuple of them)."""
+    from score_jax import models
+
+    fields = models.model_fields(config.model.name)
+    for key, value in config.model.items():
+        if key in _MODEL_RESERVED:
+            continue
+        _require(
+            key in fields,
+            f"config.model.{key} is not a field of model {config.model.name!r}; valid: {fields}",
+        )
+        values = value if isinstance(value, tuple | list) else (value,)
+        _require(
+            all(_is_int(v) and v >= 1 for v in values) and len(values) > 0,
+            f"config.model.{key}={value!r} must be a positive integer (or a tuple of them)",
+        )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ValueError with one line naming the first bad field."""
-    from score_jax.models import MODEL_NAMES
-
-    lc, ac = config.loss, config.attack
-    _require(
-        config.dataset.name in DATASET_NAMES,
-        f"config.dataset.name={config.dataset.name!r} is unknown; valid: {DATASET_NAMES}",
-    )
-    _require(
-        config.model.name in MODEL_NAMES,
-        f"config.model.name={config.model.name!r} is unknown; valid: {MODEL_NAMES}",
-    )
-    _require(
-        config.batch_size > 0 and config.batch_size % num_devices == 0,
-        f"config.batch_size={config.batch_size} must be a positive multiple of the device "
-        f"count {num_devices}",
-    )
-    _require(
-        config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
-        f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the "
-        f"device count {num_devices}",
-    )
+    """Raises ConfigError with one line naming the first bad field; checks every field of the
+    table, the model's fields, then the relations between fields."""
+    values = leaves(config)
+    for field, (ok, requirement) in field_checks().items():
+        if field in values and not ok(values[field]):
+            raise ConfigError(f"config.{field}={values[field]!r} must be {requirement}")
+    _check_model(config)
+    for section in ("attack", "eval", "test"):
+        a = config[section]
+        _require(
+            a.step_size > 0 or a.num_steps == 0,
+            f"config.{section}.step_size={a.step_size} must be > 0 (num_steps={a.num_steps})",
+        )
+    for field in ("batch_size", "eval_batch_size"):
+        _require(
+            config[field] % num_devices == 0,
+            f"config.{field}={config[field]} must be a positive multiple of the device "
+            f"count {num_devices}",
+        )
     _require(
         config.num_epochs > 0 or config.num_train_steps > 0,
         "config.num_epochs or config.num_train_steps must be > 0",
     )
     _require(
-        lc.type in ("trades", "pgd_at"),
-        f"config.loss.type={lc.type!r}; valid: 'trades', 'pgd_at'",
+        config.dataset.real_fraction == 1.0 or bool(config.dataset.ddpm_path),
+        f"config.dataset.real_fraction={config.dataset.real_fraction} < 1 needs generated data, "
+        "but config.dataset.ddpm_path is empty",
     )
-    _require(
-        lc.kind in losses.DIVERGENCES,
-        f"config.loss.kind={lc.kind!r}; valid: {losses.DIVERGENCES}",
-    )
-    _require(lc.beta >= 0, f"config.loss.beta={lc.beta} must be >= 0")
-    _require(
-        lc.clip_c is None or 0 <= lc.clip_c < 1,
-        f"config.loss.clip_c={lc.clip_c} must lie in [0, 1) (or be None)",
-    )
-    _require(
-        0 <= lc.label_smoothing < 1,
-        f"config.loss.label_smoothing={lc.label_smoothing} must lie in [0, 1)",
-    )
-    for section in ("attack", "eval", "test"):
-        a = config[section]
-        _require(a.num_steps >= 0, f"config.{section}.num_steps={a.num_steps} must be >= 0")
+    aa = config.get("autoattack")
+    if aa is not None:
+        custom = [a for a in ((aa.attacks,) if isinstance(aa.attacks, str) else aa.attacks) if a]
         _require(
-            a.step_size > 0 or a.num_steps == 0,
-            f"config.{section}.step_size={a.step_size} must be > 0",
+            aa.version != "custom" or bool(custom),
+            "config.autoattack.attacks must list attacks for config.autoattack.version='custom'",
         )
         _require(
-            a.init in attacks.INITS,
-            f"config.{section}.init={a.init!r}; valid: {attacks.INITS}",
+            aa.version == "custom" or not custom,
+            f"config.autoattack.attacks is only used with version='custom' (got {aa.version!r})",
         )
-        if section != "attack":
-            _require(
-                a.objective in attacks.EVAL_OBJECTIVES,
-                f"config.{section}.objective={a.objective!r}; valid: {attacks.EVAL_OBJECTIVES}",
-            )
-            _require(a.restarts >= 1, f"config.{section}.restarts={a.restarts} must be >= 1")
-    _require(ac.eps >= 0, f"config.attack.eps={ac.eps} must be >= 0")
-    _require(ac.norm in attacks.NORMS, f"config.attack.norm={ac.norm!r}; valid: {attacks.NORMS}")
-    _require(
-        config.optim.schedule in optim.SCHEDULES,
-        f"config.optim.schedule={config.optim.schedule!r}; valid: {optim.SCHEDULES}",
-    )
-    _require(
-        config.optim.learning_rate > 0,
-        f"config.optim.learning_rate={config.optim.learning_rate} must be > 0",
-    )
-    _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must lie in [0, 1)")
-    _require(
-        0.0 < config.dataset.real_fraction <= 1.0,
-        f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",
-    )
-    _require(
-        config.best_by in ("ema", "raw"), f"config.best_by={config.best_by!r}; valid: ema, raw"
-    )
-    _require(
-        config.checkpoint_every_steps > 0,
-        f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0",
-    )
-    _require(
-        config.model.dtype in ("float32", "bfloat16"),
-        f"config.model.dtype={config.model.dtype!r}; valid: float32, bfloat16",
-    )

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from score_jax.errors import ConfigError
+
 SCHEDULES = ("cyclic_cosine", "piecewise", "cosine", "constant")
 
 
@@ -57,7 +59,7 @@ def make_schedule(
             decay_steps=max(total_steps, warmup + 1),
             end_value=0.0,
         )
-    raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {name!r}")
+    raise ConfigError(f"config.optim.schedule must be one of {SCHEDULES}, got {name!r}")
 
 
 def make_optimizer(

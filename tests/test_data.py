@@ -19,6 +19,7 @@ import pytest
 from score_jax import data
 from score_jax.data import Dataset, Split, TrainBatcher, augment, ddpm, digits
 from score_jax.data.augment import crop
+from score_jax.errors import DataError
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -139,7 +140,7 @@ def test_cifar_mock(name, num_classes, mock_tfds):
 
 def test_cifar_not_prepared(tmp_path):
     missing = tmp_path / "no_tfds_here"
-    with pytest.raises(FileNotFoundError, match="tfds build cifar10") as info:
+    with pytest.raises(DataError, match="tfds build cifar10") as info:
         data.get_dataset(_config(name="cifar10", data_dir=str(missing)))
     message = str(info.value)
     assert "\n" not in message and "'cifar10'" in message and str(missing) in message

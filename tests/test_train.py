@@ -117,7 +117,9 @@ def test_refuses_to_resume_another_config(tmp_path):
             tiny_config(num_train_steps=4, **{"loss.beta": 1.0}), str(tmp_path)
         )
     trainer.train_and_evaluate(
-        tiny_config(num_train_steps=3, resume_ignore_mismatch=True, **{"loss.beta": 1.0}),
+        tiny_config(
+            num_train_steps=3, resume_ignore_mismatch=True, resume_extend=True, **{"loss.beta": 1.0}
+        ),
         str(tmp_path),
     )
 
@@ -129,7 +131,7 @@ def test_corrupt_checkpoint_is_named_and_fallback_is_opt_in(tmp_path):
     for path in data_dir.rglob("*"):
         if path.is_file() and path.parent.name == "d":
             path.write_bytes(path.read_bytes()[:5])  # truncate every data file
-    config = tiny_config(num_train_steps=8, checkpoint_every_steps=3)
+    config = tiny_config(num_train_steps=8, checkpoint_every_steps=3, resume_extend=True)
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/6 is corrupt.*resume_fallback"):
         trainer.train_and_evaluate(config, str(tmp_path))
     config.resume_fallback = True

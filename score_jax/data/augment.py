@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from score_jax.errors import ConfigError
+
 
 def crop(image: jax.Array, offset: jax.Array, padding: int) -> jax.Array:
     """The (H, W) window at `offset` (dy, dx) in [0, 2*padding] of the zero-padded image."""
@@ -38,7 +40,7 @@ def augment(images: jax.Array, keys: jax.Array, *, crop_padding: int, flip: bool
       The augmented images, same shape and dtype; the identity when both are off.
     """
     if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        raise ConfigError(f"config.augment.crop_padding must be >= 0, got {crop_padding}")
     if crop_padding == 0 and not flip:
         return images
     return jax.vmap(lambda x, k: _augment_one(x, k, crop_padding, flip))(images, keys)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from score_jax.data import Dataset, Split
+from score_jax.errors import ConfigError, DataError
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -21,11 +22,11 @@ _READ_CHUNK = 1024
 _NOT_PREPARED_ERRORS = (KeyError, NotImplementedError, FileNotFoundError, AssertionError)
 
 
-def _not_prepared(name: str, data_dir: str | None, err: Exception) -> FileNotFoundError:
+def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:
     import tensorflow_datasets as tfds
 
     shown = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
-    return FileNotFoundError(
+    return DataError(
         f"TFDS dataset {name!r} is not prepared as ArrayRecord in data_dir {shown!r} "
         f"({type(err).__name__}); on a machine with network run `tfds build {name} --data_dir "
         f"{shown} --file_format array_record`, then copy that directory here "
@@ -60,13 +61,13 @@ def read_split(source: Sequence[Any]) -> Split:
 def load(name: str, data_dir: str | None = None, num_validation: int = 0) -> Dataset:
     """Loads CIFAR-10/100; the FIRST `num_validation` training images become `validation`."""
     if name not in NUM_CLASSES:
-        raise ValueError(f"Unknown CIFAR dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
+        raise ConfigError(f"Unknown CIFAR dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
     data_dir = data_dir or None
     train_source = _open(name, "train", data_dir)
     test_source = _open(name, "test", data_dir)
     full = read_split(train_source)
     if not 0 <= num_validation < len(full):
-        raise ValueError(
+        raise ConfigError(
             f"config.dataset.num_validation={num_validation} must be in [0, {len(full)}) "
             f"(the size of the {name} train split)"
         )
