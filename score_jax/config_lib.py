@@ -381,11 +381,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         config.num_epochs > 0 or config.num_train_steps > 0,
         "config.num_epochs or config.num_train_steps must be > 0",
     )
-    _require(
-        config.dataset.real_fraction == 1.0 or bool(config.dataset.ddpm_path),
-        f"config.dataset.real_fraction={config.dataset.real_fraction} < 1 needs generated data, "
-        "but config.dataset.ddpm_path is empty",
-    )
+    # real_fraction < 1 needing config.dataset.ddpm_path is checked when the data loads (the
+    # DDPM configs ship without the path, which each user sets).
     aa = config.get("autoattack")
     if aa is not None:
         custom = [a for a in ((aa.attacks,) if isinstance(aa.attacks, str) else aa.attacks) if a]
