@@ -100,22 +100,18 @@ def _explain_flag_error(argv: list[str], error: Exception) -> str:
         if module is not None:
             if variant and not takes_variant:
                 return f"--config {spec}: {path} has no variants (got {variant!r})"
-            if not variant or takes_variant:
-                try:
-                    config = module.get_config(variant) if variant else module.get_config()
-                except Exception as e:  # noqa: BLE001
-                    return f"--config {spec}: {' '.join(str(e).split())}"
-                fields = config_lib.leaves(config)
-                sections = {f.split(".")[0] for f in fields}
-                for arg in argv:
-                    name = arg.removeprefix("--config.").split("=")[0]
-                    if arg.startswith("--config.") and name not in fields:
-                        section = name.split(".")[0]
-                        what = "field" if section in sections else "section"
-                        return (
-                            f"{arg}: config.{name} is not a field of {path} (unknown {what} "
-                            f"{name if what == 'field' else section!r})"
-                        )
+            try:
+                config = module.get_config(variant) if variant else module.get_config()
+            except Exception as e:  # noqa: BLE001 - a bad variant: the config file's own message
+                return f"--config {spec}: {' '.join(str(e).split())}"
+            fields = config_lib.leaves(config)
+            sections = {f.split(".")[0] for f in fields}
+            for arg in argv:
+                name = arg.removeprefix("--config.").split("=")[0]
+                if arg.startswith("--config.") and name not in fields:
+                    section = name.split(".")[0]
+                    unknown = f"field {name!r}" if section in sections else f"section {section!r}"
+                    return f"{arg}: config.{name} is not a field of {path} (unknown {unknown})"
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
 
