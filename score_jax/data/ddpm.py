@@ -122,9 +122,11 @@ def _verify_stored(path: str, members: dict[str, _Member], where: str) -> None:
                 f"{where}: field {key!r} fails its zip CRC-32 check (the file is corrupt; "
                 "regenerate or copy it again)"
             )
+    tmp = f"{cache}.tmp-{os.getpid()}"  # every host may write it: atomically
     try:
-        with open(cache, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(record, f)
+        os.replace(tmp, cache)
     except OSError as e:  # a read-only data directory: verified again on the next start
         logging.warning("Cannot record the CRC check in %s (%s)", cache, e.strerror)
 
