@@ -170,7 +170,7 @@ def _require(ok: bool, message: str) -> None:
 
 # --- Validation: one check per field, then the relations between fields ----------------------
 #
-# FIELD_CHECKS maps each dotted field to (predicate, requirement); validate() reports the first
+# field_checks() maps each dotted field to (predicate, requirement); validate() reports the first
 # failing field as "config.<field>=<value> must be <requirement>". A field in no table is a
 # defect (tests/test_bad_inputs.py walks every shipped config): add a check or list it in
 # FREE_FORM. The model's own fields (model.width, model.depth, ...) are checked by _check_model.
