@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from score_jax import losses
+from score_jax.errors import ConfigError
 
 Array = jax.Array
 Objective = Callable[[Array], Array]
@@ -95,17 +96,17 @@ def _check(
     eps: float, step_size: float, num_steps: int, norm: str, init: str, restarts: int, l2_rule: str
 ):
     if l2_rule not in L2_RULES:
-        raise ValueError(f"attack l2_rule must be one of {L2_RULES}, got {l2_rule!r}")
+        raise ConfigError(f"attack l2_rule must be one of {L2_RULES}, got {l2_rule!r}")
     if norm not in NORMS:
-        raise ValueError(f"attack norm must be one of {NORMS}, got {norm!r}")
+        raise ConfigError(f"attack norm must be one of {NORMS}, got {norm!r}")
     if init not in INITS:
-        raise ValueError(f"attack init must be one of {INITS}, got {init!r}")
+        raise ConfigError(f"attack init must be one of {INITS}, got {init!r}")
     if eps < 0:
-        raise ValueError(f"attack eps must be >= 0, got {eps}")
+        raise ConfigError(f"attack eps must be >= 0, got {eps}")
     if step_size <= 0 and num_steps > 0:
-        raise ValueError(f"attack step_size must be > 0, got {step_size}")
+        raise ConfigError(f"attack step_size must be > 0, got {step_size}")
     if num_steps < 0 or restarts < 1:
-        raise ValueError(f"need num_steps >= 0 and restarts >= 1, got {num_steps}, {restarts}")
+        raise ConfigError(f"need num_steps >= 0 and restarts >= 1, got {num_steps}, {restarts}")
 
 
 def pgd(
@@ -297,4 +298,4 @@ def eval_objective(name: str, logits_fn: LogitsFn, labels: Array) -> Objective:
         return cw_objective(logits_fn, labels, clamped=name == "cw_clamped")
     if name in losses.DIVERGENCES:
         return label_objective(logits_fn, labels, kind=name)
-    raise ValueError(f"unknown attack objective {name!r}; valid: {EVAL_OBJECTIVES}")
+    raise ConfigError(f"unknown attack objective {name!r}; valid: {EVAL_OBJECTIVES}")

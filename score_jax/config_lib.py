@@ -5,13 +5,18 @@ the paper's values filled in. Every field is overridable as `--config.a.b=value`
 """
 
 import importlib.util
+import math
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from score_jax import attacks, losses, optim
 from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
+from score_jax.errors import ConfigError
 
 CIFAR10_EPS = 8 / 255
 
@@ -87,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.best_by = "ema"  # "ema" | "raw": whose validation PGD accuracy selects the best checkpoint
     c.resume_ignore_mismatch = False
+    c.resume_extend = False  # resume with another num_train_steps / num_epochs (new schedule)
     c.resume_fallback = False  # a corrupt newest checkpoint: resume from the previous one
     c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
     c.progress_bar = True
@@ -265,155 +271,332 @@ def load_config_file(path: str, variant: str | None = None) -> ml_collections.Co
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
+
+
+# --- Validation: one check per field, then the relations between fields ----------------------
+#
+# field_checks() maps each dotted field to (predicate, requirement); validate() reports the first
+# failing field as "config.<field>=<value> must be <requirement>". A field in no table is a
+# defect (tests/test_bad_inputs.py walks every shipped config): add a check or list it in
+# FREE_FORM. The model's own fields (model.width, model.depth, ...) are checked by _check_model.
+
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
+AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+_MODEL_RESERVED = ("name", "activation", "conv_impl", "dtype", "init_scheme")
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(lo: int, *, or_value: int | None = None) -> Check:
+    text = f"an integer >= {lo}" + ("" if or_value is None else f" (or {or_value})")
+    return (lambda v: _is_int(v) and (v >= lo or v == or_value)), text
+
+
+def _real(lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False, none=False) -> Check:
+    def ok(v: Any) -> bool:
+        if v is None:
+            return none
+        if not _is_real(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+    return ok, f"a finite number in {interval}" + (" or None" if none else "")
+
+
+def _choice(options: Sequence[str]) -> Check:
+    options = tuple(options)
+    return (lambda v: isinstance(v, str) and v in options), f"one of {options}"
+
+
+_BOOL: Check = (lambda v: isinstance(v, bool), "True or False")
+_STRING: Check = (lambda v: isinstance(v, str), "a string")
+_PROB: Check = _real(0.0, 1.0, hi_open=True)  # [0, 1)
+_FRACTION: Check = _real(0.0, 1.0)  # [0, 1]
+
+
+def _lr_boundaries_ok(v: Any) -> bool:
+    return (
+        isinstance(v, tuple | list)
+        and all(_is_real(e) and e >= 0 for e in v)
+        and list(v) == sorted(v)
+    )
+
+
+def _aa_attacks_ok(v: Any) -> bool:
+    items = (v,) if isinstance(v, str) else v
+    if not isinstance(items, tuple | list):
+        return False
+    names = [a.strip() for item in items for a in str(item).split(",") if a.strip()]
+    return all(a in AUTOATTACK_NAMES for a in names)
+
+
+def _attack_checks() -> dict[str, Check]:
+    from score_jax import train
+
+    return {
+        "attack.norm": _choice(attacks.NORMS),
+        "attack.eps": _real(0.0),
+        "attack.step_size": _real(0.0),
+        "attack.num_steps": _integer(0),
+        "attack.init": _choice(attacks.INITS),
+        "attack.batchnorm": _choice(train.ATTACK_BATCHNORM),
+        "attack.l2_rule": _choice(attacks.L2_RULES),
+    }
+
+
+def evaluator_checks(kind: str) -> dict[str, Check]:
+    """field -> check of an evaluator of `kind` (config.eval.<name> / config.test.<name>)."""
+    from score_jax import autoattack
+
+    common = {"kind": _choice((kind,)), "eps": _real(0.0), "norm": _choice(attacks.NORMS)}
+    if kind == "pgd":
+        return common | {
+            "objective": _choice(attacks.EVAL_OBJECTIVES),
+            "num_steps": _integer(0),
+            "step_size": _real(0.0),
+            "restarts": _integer(1),
+            "init": _choice(attacks.INITS),
+        }
+    if kind == "autoattack":
+        return common | {
+            "eps": _real(0.0, lo_open=True),
+            "version": _choice(("standard", "custom")),
+            "attacks": (
+                lambda v: isinstance(v, tuple | list) and all(a in autoattack.ATTACKS for a in v),
+                f"a tuple of names of {autoattack.ATTACKS}",
+            ),
+            "num_examples": _integer(1, or_value=-1),
+            "params": _choice(("best_by", "all")),
+            "apgd_iters": _integer(1),
+            "fab_iters": _integer(1),
+            "targets": _integer(1),
+            "square_queries": _integer(1),
+        }
+    return {}
+
+
+def field_checks() -> dict[str, Check]:
+    """dotted field -> (predicate, requirement) for every field of base_config()."""
+    from score_jax.models import ACTIVATIONS, CONV_IMPLS, INIT_SCHEMES, MODEL_NAMES
+
+    return {
+        "seed": _integer(0),
+        "batch_size": _integer(1),
+        "eval_batch_size": _integer(1),
+        "num_epochs": _real(0.0),
+        "num_train_steps": _integer(1, or_value=-1),
+        "log_every_steps": _integer(1),
+        "eval_every_epochs": _integer(0),
+        "checkpoint_every_steps": _integer(1),
+        "keep_checkpoints": _integer(1),
+        "best_by": _choice(("ema", "raw")),
+        "resume_ignore_mismatch": _BOOL,
+        "resume_fallback": _BOOL,
+        "resume_extend": _BOOL,
+        "sync_batch_stats": _BOOL,
+        "progress_bar": _BOOL,
+        "dataset.name": _choice(DATASET_NAMES),
+        "dataset.data_dir": _STRING,
+        "dataset.num_validation": _integer(0),
+        "dataset.ddpm_path": _STRING,
+        "dataset.real_fraction": _real(0.0, 1.0, lo_open=True),
+        "dataset.validation_order": _choice(VALIDATION_ORDERS),
+        "dataset.epoch_size": _integer(0),
+        "augment.crop_padding": _integer(0),
+        "augment.flip": _BOOL,
+        "augment.rotation_degrees": _real(0.0, 180.0),
+        "model.name": _choice(MODEL_NAMES),
+        "model.activation": _choice(("", *ACTIVATIONS)),
+        "model.conv_impl": _choice(CONV_IMPLS),
+        "model.dtype": _choice(("float32", "bfloat16")),
+        "model.init_scheme": _choice(INIT_SCHEMES),
+        "loss.type": _choice(("trades", "pgd_at")),
+        "loss.kind": _choice(losses.DIVERGENCES),
+        "loss.beta": _real(0.0),
+        "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
+        "loss.clip_clean": _BOOL,
+        "loss.label_smoothing": _PROB,
+        **_attack_checks(),
+        "eval.select_by": (
+            lambda v: (
+                isinstance(v, tuple | list) and len(v) > 0 and all(isinstance(n, str) for n in v)
+            ),
+            "a non-empty tuple of config.eval evaluator names",
+        ),
+        "eval.select_ties": _choice(("strict", "later")),
+        "optim.learning_rate": _real(0.0, lo_open=True),
+        "optim.momentum": _PROB,
+        "optim.nesterov": _BOOL,
+        "optim.weight_decay": _real(0.0),
+        "optim.weight_decay_batchnorm": _BOOL,
+        "optim.grad_clip_norm": _real(0.0, lo_open=True, none=True),
+        "optim.schedule": _choice(optim.SCHEDULES),
+        "optim.lr_boundaries_epochs": (
+            _lr_boundaries_ok,
+            "a non-decreasing sequence of finite numbers >= 0",
+        ),
+        "optim.lr_decay_factor": _real(0.0, lo_open=True),
+        "optim.warmup_fraction": _FRACTION,
+        "optim.warmup_div": _real(0.0, lo_open=True),
+        "optim.final_div_factor": _real(0.0, lo_open=True),
+        "optim.schedule_unit": _choice(optim.SCHEDULE_UNITS),
+        "optim.cycle_momentum": _BOOL,
+        "optim.base_momentum": _PROB,
+        "optim.max_momentum": _PROB,
+        "ema.decay": _PROB,
+        "ema.warmup_fraction": _FRACTION,
+        "autoattack.num_examples": _integer(1, or_value=-1),
+        "autoattack.batch_size": _integer(1),
+        "autoattack.version": _choice(AUTOATTACK_VERSIONS),
+        "autoattack.attacks": (_aa_attacks_ok, f"a sequence of names of {AUTOATTACK_NAMES}"),
+    }
+
+
+# Fields that take any value (none today: even paths are type-checked).
+FREE_FORM: tuple[str, ...] = ()
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{dotted field: value} of every leaf of `config`."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def is_checked(field: str, config: ml_collections.ConfigDict) -> bool:
+    """Whether validate() checks `field` of `config` (or it is listed as FREE_FORM)."""
+    from score_jax import evaluate, models
+
+    if field in field_checks() or field in FREE_FORM:
+        return True
+    section, _, name = field.partition(".")
+    if section == "model":
+        return name in models.model_fields(config.model.name)
+    if section in ("eval", "test"):
+        evaluator, _, key = name.partition(".")
+        spec = evaluate.evaluator_specs(config[section]).get(evaluator)
+        return spec is not None and key in evaluator_checks(spec.get("kind", ""))
+    return False
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    """config.model's own fields: each a field of the model, a positive int (or tuple of them)."""
+    from score_jax import models
+
+    fields = models.model_fields(config.model.name)
+    for key, value in config.model.items():
+        if key in _MODEL_RESERVED:
+            continue
+        _require(
+            key in fields,
+            f"config.model.{key} is not a field of model {config.model.name!r}; valid: {fields}",
+        )
+        values = value if isinstance(value, tuple | list) else (value,)
+        _require(
+            all(_is_int(v) and v >= 1 for v in values) and len(values) > 0,
+            f"config.model.{key}={value!r} must be a positive integer (or a tuple of them)",
+        )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ValueError with one line naming the first bad field."""
-    from score_jax import models, train
-    from score_jax.models import MODEL_NAMES
-
-    lc, ac = config.loss, config.attack
+    """Raises ConfigError with one line naming the first bad field; checks every field of the
+    table, the model's fields, then the relations between fields."""
+    values = leaves(config)
+    for field, (ok, requirement) in field_checks().items():
+        if field in values and not ok(values[field]):
+            raise ConfigError(f"config.{field}={values[field]!r} must be {requirement}")
+    _check_model(config)
     _require(
-        config.dataset.name in DATASET_NAMES,
-        f"config.dataset.name={config.dataset.name!r} is unknown; valid: {DATASET_NAMES}",
+        config.attack.step_size > 0 or config.attack.num_steps == 0,
+        f"config.attack.step_size={config.attack.step_size} must be > 0 "
+        f"(num_steps={config.attack.num_steps})",
+    )
+    _check_evaluators(config)
+    o = config.optim
+    _require(
+        not o.cycle_momentum or o.schedule == "one_cycle",
+        "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
     )
     _require(
-        config.model.name in MODEL_NAMES,
-        f"config.model.name={config.model.name!r} is unknown; valid: {MODEL_NAMES}",
+        o.base_momentum <= o.max_momentum,
+        f"config.optim.base_momentum={o.base_momentum} must be <= config.optim.max_momentum="
+        f"{o.max_momentum}",
     )
-    _require(
-        config.batch_size > 0 and config.batch_size % num_devices == 0,
-        f"config.batch_size={config.batch_size} must be a positive multiple of the device "
-        f"count {num_devices}",
-    )
-    _require(
-        config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
-        f"config.eval_batch_size={config.eval_batch_size} must be a positive multiple of the "
-        f"device count {num_devices}",
-    )
+    for field in ("batch_size", "eval_batch_size"):
+        _require(
+            config[field] % num_devices == 0,
+            f"config.{field}={config[field]} must be a positive multiple of the device "
+            f"count {num_devices}",
+        )
     _require(
         config.num_epochs > 0 or config.num_train_steps > 0,
         "config.num_epochs or config.num_train_steps must be > 0",
     )
-    _require(
-        lc.type in ("trades", "pgd_at"),
-        f"config.loss.type={lc.type!r}; valid: 'trades', 'pgd_at'",
-    )
-    _require(
-        lc.kind in losses.DIVERGENCES,
-        f"config.loss.kind={lc.kind!r}; valid: {losses.DIVERGENCES}",
-    )
-    _require(lc.beta >= 0, f"config.loss.beta={lc.beta} must be >= 0")
-    _require(
-        lc.clip_c is None or 0 <= lc.clip_c < 1,
-        f"config.loss.clip_c={lc.clip_c} must lie in [0, 1) (or be None)",
-    )
-    _require(
-        0 <= lc.label_smoothing < 1,
-        f"config.loss.label_smoothing={lc.label_smoothing} must lie in [0, 1)",
-    )
-    _require(ac.num_steps >= 0, f"config.attack.num_steps={ac.num_steps} must be >= 0")
-    _require(
-        ac.step_size > 0 or ac.num_steps == 0,
-        f"config.attack.step_size={ac.step_size} must be > 0",
-    )
-    _require(ac.init in attacks.INITS, f"config.attack.init={ac.init!r}; valid: {attacks.INITS}")
-    _require(ac.eps >= 0, f"config.attack.eps={ac.eps} must be >= 0")
-    _require(
-        ac.batchnorm in train.ATTACK_BATCHNORM,
-        f"config.attack.batchnorm={ac.batchnorm!r}; valid: {train.ATTACK_BATCHNORM}",
-    )
-    _require(
-        ac.l2_rule in attacks.L2_RULES,
-        f"config.attack.l2_rule={ac.l2_rule!r}; valid: {attacks.L2_RULES}",
-    )
-    _require(ac.norm in attacks.NORMS, f"config.attack.norm={ac.norm!r}; valid: {attacks.NORMS}")
-    _require(
-        config.optim.schedule in optim.SCHEDULES,
-        f"config.optim.schedule={config.optim.schedule!r}; valid: {optim.SCHEDULES}",
-    )
-    _require(
-        config.optim.learning_rate > 0,
-        f"config.optim.learning_rate={config.optim.learning_rate} must be > 0",
-    )
-    _require(
-        config.optim.schedule_unit in optim.SCHEDULE_UNITS,
-        f"config.optim.schedule_unit={config.optim.schedule_unit!r}; valid: {optim.SCHEDULE_UNITS}",
-    )
-    _require(
-        config.optim.final_div_factor > 0,
-        f"config.optim.final_div_factor={config.optim.final_div_factor} must be > 0",
-    )
-    _require(
-        not config.optim.cycle_momentum or config.optim.schedule == "one_cycle",
-        "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
-    )
-    _require(
-        0 <= config.optim.base_momentum <= config.optim.max_momentum < 1,
-        f"config.optim.base_momentum={config.optim.base_momentum} and max_momentum="
-        f"{config.optim.max_momentum} must satisfy 0 <= base <= max < 1",
-    )
-    _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must lie in [0, 1)")
-    _require(
-        config.dataset.validation_order in VALIDATION_ORDERS,
-        f"config.dataset.validation_order={config.dataset.validation_order!r}; valid: "
-        f"{VALIDATION_ORDERS}",
-    )
-    _require(
-        0.0 < config.dataset.real_fraction <= 1.0,
-        f"config.dataset.real_fraction={config.dataset.real_fraction} must lie in (0, 1]",
-    )
-    _require(
-        0 <= config.augment.rotation_degrees <= 180,
-        f"config.augment.rotation_degrees={config.augment.rotation_degrees} must lie in [0, 180]",
-    )
-    _require(
-        config.dataset.epoch_size >= 0,
-        f"config.dataset.epoch_size={config.dataset.epoch_size} must be >= 0",
-    )
-    _require(
-        config.best_by in ("ema", "raw"), f"config.best_by={config.best_by!r}; valid: ema, raw"
-    )
-    _require(
-        config.checkpoint_every_steps > 0,
-        f"config.checkpoint_every_steps={config.checkpoint_every_steps} must be > 0",
-    )
-    _require(
-        config.model.init_scheme in models.INIT_SCHEMES,
-        f"config.model.init_scheme={config.model.init_scheme!r}; valid: {models.INIT_SCHEMES}",
-    )
-    _require(
-        config.model.dtype in ("float32", "bfloat16"),
-        f"config.model.dtype={config.model.dtype!r}; valid: float32, bfloat16",
-    )
-    _validate_evaluators(config)
+    # real_fraction < 1 needing config.dataset.ddpm_path is checked when the data loads (the
+    # DDPM configs ship without the path, which each user sets).
+    aa = config.get("autoattack")
+    if aa is not None:
+        custom = [a for a in ((aa.attacks,) if isinstance(aa.attacks, str) else aa.attacks) if a]
+        _require(
+            aa.version != "custom" or bool(custom),
+            "config.autoattack.attacks must list attacks for config.autoattack.version='custom'",
+        )
+        _require(
+            aa.version == "custom" or not custom,
+            f"config.autoattack.attacks is only used with version='custom' (got {aa.version!r})",
+        )
 
 
-def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
-    """config.eval / config.test: each evaluator's fields, select_by and select_ties."""
+def _check_evaluators(config: ml_collections.ConfigDict) -> None:
+    """config.eval / config.test: each evaluator's fields by its kind, then select_by."""
     from score_jax import evaluate
 
     for section in ("eval", "test"):
+        for key, value in config[section].items():
+            if not isinstance(value, ml_collections.ConfigDict):
+                _require(
+                    section == "eval" and key in ("select_by", "select_ties"),
+                    f"config.{section}.{key} is neither an evaluator nor a setting of "
+                    f"config.{section}",
+                )
         for name, e in evaluate.evaluator_specs(config[section]).items():
             f = f"config.{section}.{name}"
-            kinds = ", ".join(evaluate.KINDS)
-            _require(e.get("kind") in evaluate.KINDS, f"{f}.kind={e.get('kind')!r}; valid: {kinds}")
-            if e.kind == "autoattack":
-                _validate_autoattack(f, e)
-            if e.kind == "pgd":
-                _require(e.num_steps >= 0, f"{f}.num_steps={e.num_steps} must be >= 0")
+            kind = e.get("kind")
+            _require(kind in evaluate.KINDS, f"{f}.kind={kind!r}; valid: {evaluate.KINDS}")
+            checks = evaluator_checks(kind)
+            for k, v in e.items():
+                _require(k in checks, f"{f}.{k} is not a field of a {kind!r} evaluator")
+                ok, requirement = checks[k]
+                _require(ok(v), f"{f}.{k}={v!r} must be {requirement}")
+            missing = [k for k in checks if k not in e]
+            _require(not missing, f"{f} lacks {missing}")
+            if kind == "pgd":
                 _require(
-                    e.step_size > 0 or e.num_steps == 0, f"{f}.step_size={e.step_size} must be > 0"
+                    e.step_size > 0 or e.num_steps == 0,
+                    f"{f}.step_size={e.step_size} must be > 0 (num_steps={e.num_steps})",
                 )
-                _require(e.init in attacks.INITS, f"{f}.init={e.init!r}; valid: {attacks.INITS}")
+            if kind == "autoattack":
                 _require(
-                    e.objective in attacks.EVAL_OBJECTIVES,
-                    f"{f}.objective={e.objective!r}; valid: {attacks.EVAL_OBJECTIVES}",
+                    (e.version == "custom") == bool(e.attacks),
+                    f"{f}.attacks={tuple(e.attacks)!r}: a non-empty tuple with version='custom' "
+                    "only",
                 )
-                _require(e.restarts >= 1, f"{f}.restarts={e.restarts} must be >= 1")
-                _require(e.eps >= 0, f"{f}.eps={e.eps} must be >= 0")
-                _require(e.norm in attacks.NORMS, f"{f}.norm={e.norm!r}; valid: {attacks.NORMS}")
+                _require(e.targets <= 9, f"{f}.targets={e.targets} must be <= 9 (AutoAttack's)")
     names = (*evaluate.evaluator_specs(config.eval), evaluate.CLEAN)
     select_by = config.eval.get("select_by")  # None in a config.json written before evaluators
     _require(
@@ -424,29 +607,3 @@ def _validate_evaluators(config: ml_collections.ConfigDict) -> None:
     _require(
         not unknown, f"config.eval.select_by names unknown evaluators {unknown}; valid: {names}"
     )
-    ties = config.eval.get("select_ties")
-    _require(
-        ties in evaluate.SELECT_TIES,
-        f"config.eval.select_ties={ties!r}; valid: {evaluate.SELECT_TIES}",
-    )
-
-
-def _validate_autoattack(f: str, e: ml_collections.ConfigDict) -> None:
-    """An "autoattack" evaluator's fields (f: its dotted name)."""
-    from score_jax import autoattack
-
-    versions = ("standard", "custom")
-    _require(e.version in versions, f"{f}.version={e.version!r}; valid: {versions}")
-    bad = [a for a in e.attacks if a not in autoattack.ATTACKS]
-    _require(not bad, f"{f}.attacks has unknown {bad}; valid: {autoattack.ATTACKS}")
-    _require(
-        (e.version == "custom") == bool(e.attacks),
-        f"{f}.attacks={tuple(e.attacks)!r}: a non-empty list with version='custom' only",
-    )
-    _require(e.num_examples == -1 or e.num_examples > 0, f"{f}.num_examples: -1 (all) or > 0")
-    _require(e.params in ("best_by", "all"), f"{f}.params={e.params!r}; valid: best_by, all")
-    for k in ("apgd_iters", "fab_iters", "targets", "square_queries"):
-        _require(isinstance(e[k], int) and e[k] >= 1, f"{f}.{k}={e[k]!r} must be an int >= 1")
-    _require(e.targets <= 9, f"{f}.targets={e.targets} must be <= 9 (classes - 1 at most)")
-    _require(e.eps > 0, f"{f}.eps={e.eps} must be > 0")
-    _require(e.norm in attacks.NORMS, f"{f}.norm={e.norm!r}; valid: {attacks.NORMS}")

@@ -24,3 +24,7 @@ class CheckpointError(ScoreError):
 
 class WorkdirError(ScoreError):
     """The workdir cannot be used: not writable, or in use by another run."""
+
+
+class DivergedError(ScoreError):
+    """Training diverged: a step's loss, gradient or updated state is not finite."""

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from score_jax.errors import ConfigError
+
 Array = jax.Array
 
 DIVERGENCES = ("kl", "se", "l1", "l2", "linf", "js", "js_dist", "l1_sq")
@@ -60,7 +62,7 @@ def _divergence(p: Array, q: Array, kind: str, log_q: Array | None = None) -> Ar
         js = 0.5 * _kl(p, m, None) + 0.5 * _kl(q, m, None)
         js = jnp.maximum(js, 0.0)  # rounding can make it -1e-8
         return js if kind == "js" else _safe_sqrt(js)
-    raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCES)}")
+    raise ConfigError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(DIVERGENCES)}")
 
 
 def divergence(p: Array, q: Array, kind: str) -> Array:
@@ -104,7 +106,7 @@ def clip_bound(c: float, num_classes: int, kind: str) -> float:
     Closed forms: SE c^2 K/(K-1) (0.1778 at c=0.4, K=10); KL -log(1-c).
     """
     if not 0.0 <= c < 1.0:
-        raise ValueError(f"clip_c must lie in [0, 1), got {c}")
+        raise ConfigError(f"clip_c must lie in [0, 1), got {c}")
     e1 = np.zeros((num_classes,), np.float32)
     e1[0] = 1.0
     q = np.full((num_classes,), c / (num_classes - 1), np.float32)

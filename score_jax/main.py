@@ -4,13 +4,16 @@ Flags and dispatch only; everything else lives in the library.
 """
 
 import functools
+import importlib.util
+import inspect
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from score_jax import trainer
+from score_jax import config_lib, trainer
+from score_jax.errors import ScoreError
 
 FLAGS = flags.FLAGS
 MODES = ("train", "eval", "export", "autoattack")
@@ -71,8 +74,49 @@ def main(argv: list[str]) -> None:
         else:
             run = trainer.train_and_evaluate if FLAGS.mode == "train" else trainer.evaluate_workdir
         run(FLAGS.config, FLAGS.workdir)
-    except (ValueError, OSError) as e:  # bad input (incl. an unloadable --config): one line
+    except ScoreError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         sys.exit("score_jax: error: " + " ".join(str(e).split()))
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=")
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _explain_flag_error(argv: list[str], error: Exception) -> str:
+    """One line for a flag error: a variant the config file does not take, an override of a
+    field the config does not have, else the error's last line (not an embedded traceback)."""
+    spec = _config_arg(argv)
+    if spec:
+        path, _, variant = spec.partition(":")
+        try:
+            module_spec = importlib.util.spec_from_file_location("_score_config", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            takes_variant = bool(inspect.signature(module.get_config).parameters)
+        except Exception:  # noqa: BLE001 - reported below as the original error
+            module = None
+        if module is not None:
+            if variant and not takes_variant:
+                return f"--config {spec}: {path} has no variants (got {variant!r})"
+            try:
+                config = module.get_config(variant) if variant else module.get_config()
+            except Exception as e:  # noqa: BLE001 - a bad variant: the config file's own message
+                return f"--config {spec}: {' '.join(str(e).split())}"
+            fields = config_lib.leaves(config)
+            sections = {f.split(".")[0] for f in fields}
+            for arg in argv:
+                name = arg.removeprefix("--config.").split("=")[0]
+                if arg.startswith("--config.") and name not in fields:
+                    section = name.split(".")[0]
+                    unknown = f"field {name!r}" if section in sections else f"section {section!r}"
+                    return f"{arg}: config.{name} is not a field of {path} (unknown {unknown})"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -80,7 +124,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-        sys.exit(f"score_jax: error: bad flag or config override: {e}")
+        sys.exit(f"score_jax: error: bad flag or config override: {_explain_flag_error(argv, e)}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from score_jax.errors import ConfigError
+
 SCHEDULES = ("one_cycle", "cyclic_cosine", "piecewise", "cosine", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
 
@@ -65,7 +67,7 @@ def _units(optim_config: ml_collections.ConfigDict, steps_per_epoch: int, total_
     if unit == "epoch":
         epochs = max(math.ceil(total_steps / steps_per_epoch), 1)
         return 1, epochs, lambda step: jnp.asarray(step) // steps_per_epoch
-    raise ValueError(f"config.optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
+    raise ConfigError(f"config.optim.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
 
 
 def make_schedule(
@@ -110,7 +112,7 @@ def make_schedule(
             end_value=0.0,
         )
     else:
-        raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {name!r}")
+        raise ConfigError(f"config.optim.schedule must be one of {SCHEDULES}, got {name!r}")
     return lambda step: inner(to_unit(step))
 
 
@@ -123,7 +125,7 @@ def make_momentum_schedule(
     if not optim_config.cycle_momentum:
         return optax.constant_schedule(float(optim_config.momentum))
     if optim_config.schedule != "one_cycle":
-        raise ValueError(
+        raise ConfigError(
             "config.optim.cycle_momentum needs config.optim.schedule='one_cycle', got "
             f"{optim_config.schedule!r}"
         )

@@ -231,8 +231,9 @@ def train_step(
     """One step on this device's part of the batch: augment, attack, loss, update, EMA.
 
     The attack and the loss are `adversarial_examples` and `make_loss_fn`; gradients and metrics
-    are averaged over devices. A non-finite loss or gradient leaves the state unchanged
-    (metrics["finite"] = 0).
+    are averaged over devices. The divergence guard: unless the loss, the gradient and the
+    updated state (params, EMA, optimizer state, batch statistics) are all finite, the state is
+    left unchanged and metrics["finite"] = 0 (metrics["finite_<part>"] say which part failed).
     """
     keys = example_keys(key, state.step, batch["pos"])
     aug_keys, attack_keys = (
@@ -258,11 +259,31 @@ def train_step(
     metrics["learning_rate"] = learning_rate_fn(state.step)
     if momentum_fn is not None:
         metrics["momentum"] = momentum_fn(state.step)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    metrics["finite"] = finite.astype(jnp.float32)
     new_state = update(state, grads, batch_stats, config.ema.decay, ema_warmup_steps)
+    checks = {
+        "loss": jnp.isfinite(metrics["loss"]),
+        "grad_norm": jnp.isfinite(metrics["grad_norm"]),
+        "params": tree_finite(new_state.params),
+        "ema_params": tree_finite(new_state.ema_params),
+        "opt_state": tree_finite(new_state.opt_state),
+        "batch_stats": tree_finite(new_state.batch_stats),
+    }
+    finite = functools.reduce(jnp.logical_and, checks.values())
+    metrics["finite"] = finite.astype(jnp.float32)
+    metrics.update({f"finite_{k}": v.astype(jnp.float32) for k, v in checks.items()})
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
+
+
+def tree_finite(tree: Any) -> jax.Array:
+    """Whether sum(x^2) over the floating leaves of `tree` is finite in float32: every value is
+    finite and the tree's norm is representable (|x| < ~1e19), which also rejects an update that
+    overflowed into huge but finite weights (the next step's loss would be inf or NaN)."""
+    total = jnp.zeros((), jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    return jnp.isfinite(total)
 
 
 def compile_train_step(

@@ -18,6 +18,8 @@ import numpy as np
 from absl import logging
 
 from score_jax import checkpoint, config_lib, data, evaluate, models, optim, train
+from score_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
+from score_jax.lock import WorkdirLock
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -115,7 +117,7 @@ def _check_writable(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+        raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
 
 
 def _summary_table(rows: dict[str, dict[str, float]], names: list[str]) -> str:
@@ -166,7 +168,7 @@ class Setup:
         self.config = config
         self.workdir = workdir
         self.mesh = train.make_mesh()
-        config_lib.validate(config, num_devices=self.mesh.size)
+        config_lib.validate(config, num_devices=self.mesh.size)  # the run's one validation
         self.dataset = data.get_dataset(config.dataset)
         self.batcher = data.TrainBatcher(
             self.dataset,
@@ -272,19 +274,15 @@ def _restore_or_init(
             )
             if not mismatch or setup.config.resume_ignore_mismatch:
                 restored, meta = ckpt.restore(state, step)
-        except Exception as e:  # orbax / tensorstore errors of a damaged checkpoint
-            path = ckpt.step_dir(step)
-            reason = " ".join(str(e).split())[:160]
+        except Exception as e:  # orbax / tensorstore errors, or a checksum mismatch
+            error = checkpoint.corrupt_error(ckpt.step_dir(step), e)
             if not setup.config.resume_fallback:
-                raise ValueError(
-                    f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {reason}); "
-                    "set --config.resume_fallback=True to resume from the previous checkpoint"
-                ) from None
-            logging.warning("Deleting corrupt checkpoint %s (%s)", path, reason)
+                raise error from None
+            logging.warning("Deleting a corrupt checkpoint: %s", error)
             ckpt.delete(step)
             continue
         if mismatch and not setup.config.resume_ignore_mismatch:
-            raise ValueError(
+            raise CheckpointError(
                 f"workdir {setup.workdir!r} holds a checkpoint (step {step}) of another "
                 f"config (differs in {', '.join(mismatch[:5])}); use another --workdir or set "
                 "--config.resume_ignore_mismatch=True"
@@ -292,7 +290,34 @@ def _restore_or_init(
         if i:
             logging.warning("Resumed from step %d, an older checkpoint", step)
         return restored, meta
-    raise ValueError(f"no checkpoint in {setup.workdir!r} could be restored")
+    raise CheckpointError(f"no checkpoint in {setup.workdir!r} could be restored")
+
+
+def _check_run_length(setup: Setup, meta: dict[str, Any], start_step: int) -> None:
+    """Refuses to resume a run of another length (the schedule and EMA warm-up depend on the
+    total), unless config.resume_extend; then says what the schedule does."""
+    saved = meta.get("total_steps")
+    if saved is None or int(saved) == setup.total_steps:
+        return  # a new run, or a checkpoint written before the length was recorded
+    saved = int(saved)
+    if not setup.config.resume_extend:
+        raise ConfigError(
+            f"workdir {setup.workdir!r} holds a run of {saved} steps (at step {start_step}), but "
+            f"this config trains {setup.total_steps} (config.num_train_steps / num_epochs); "
+            "the learning-rate schedule and EMA warm-up depend on the total, so the result would "
+            "be neither run: use another --workdir, or set --config.resume_extend=True"
+        )
+    old = optim.make_schedule(setup.config.optim, setup.steps_per_epoch, saved)
+    old_warmup = int(round(setup.config.ema.warmup_fraction * saved))
+    if jax.process_index() == 0:
+        print(
+            f"Changing the run from {saved} to {setup.total_steps} steps at step {start_step} "
+            f"(config.resume_extend): the {setup.config.optim.schedule} schedule is now that of "
+            f"{setup.total_steps} steps (lr at step {start_step}: {float(old(start_step)):.4g} "
+            f"-> {float(setup.schedule(start_step)):.4g}), EMA warm-up {old_warmup} -> "
+            f"{setup.ema_warmup_steps} steps",
+            flush=True,
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -300,12 +325,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the results written to <workdir>/results.json.
     """
-    config_lib.validate(config, num_devices=jax.device_count())
-    setup = Setup(config, workdir)  # loads the data: bad input fails before anything is written
+    setup = Setup(config, workdir)  # validates, loads the data: nothing is written before
     _check_writable(workdir)
+    # One run per workdir (process 0 holds the lock); released however this process exits.
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train(setup, workdir)
+
+
+def _train(setup: Setup, workdir: str) -> dict[str, Any]:
+    config = setup.config
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     state, meta = _restore_or_init(setup, ckpt)
     start_step = int(jax.device_get(state.step))
+    _check_run_length(setup, meta, start_step)
     best_value = float(meta.get("best_value", -1.0))
     fingerprint = checkpoint.fingerprint(config)
     is_main = jax.process_index() == 0
@@ -338,7 +370,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     def save(step: int, state, best: bool = False) -> None:
-        payload = {"fingerprint": fingerprint, "step": step, "best_value": best_value}
+        payload = {
+            "fingerprint": fingerprint,
+            "step": step,
+            "best_value": best_value,
+            "total_steps": num_steps,
+        }
         ckpt.save(step, state, payload, best=best)
 
     progress = None
@@ -356,12 +393,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         nonlocal window_start
         step, metrics = pending_item
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not metrics.pop("finite"):
+        flags = {k: metrics.pop(k) for k in list(metrics) if k.startswith("finite")}
+        if not flags["finite"]:
             ckpt.wait()
-            bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
-            raise FloatingPointError(
-                f"non-finite {' and '.join(bad)} at step {step} ({metrics}); the state was not "
-                f"updated; the newest checkpoint is step {ckpt.latest_step()}"
+            bad = [k.removeprefix("finite_") for k, v in sorted(flags.items()) if not v]
+            bad = [k for k in bad if k != "finite"] or ["loss"]
+            last = ckpt.latest_step()
+            newest = (
+                "no checkpoint was written"
+                if last is None
+                else f"the newest checkpoint is step {last}"
+            )
+            raise DivergedError(
+                f"training diverged at step {step + 1}: non-finite {', '.join(bad)} (loss "
+                f"{metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}, learning_rate "
+                f"{metrics['learning_rate']:.4g}); the step was discarded; {newest}; lower "
+                "config.optim.learning_rate or set config.optim.grad_clip_norm"
             )
         window.append(metrics)
         if (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps:
@@ -450,11 +497,11 @@ def evaluate_workdir(
     as test/<params>_<evaluator>_accuracy at the newest checkpoint's step, to metrics.jsonl and
     TensorBoard (replacing an earlier test evaluation's lines in metrics.jsonl)."""
     if ckpt is None and not checkpoint.exists(workdir):
-        raise ValueError(f"workdir {workdir!r} holds no checkpoint to evaluate")
+        raise CheckpointError(f"workdir {workdir!r} holds no checkpoint to evaluate")
     setup = setup or Setup(config, workdir)
     own = ckpt is None
     ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    state, _, use_best = ckpt.restore_final(setup.initial_state())
+    state, _, use_best = ckpt.restore_final(setup.initial_state(), fallback=config.resume_fallback)
     last_step = ckpt.latest_step()
     rows = setup.evaluate_state("test", state, setup.dataset.test)
     specs = evaluate.evaluator_specs(config.test)

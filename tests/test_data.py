@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import io
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from score_jax import data
 from score_jax.data import Dataset, Split, TrainBatcher, augment, ddpm, digits
 from score_jax.data.augment import crop, rotate
+from score_jax.errors import DataError
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -139,7 +141,7 @@ def test_cifar_mock(name, num_classes, mock_tfds):
 
 def test_cifar_not_prepared(tmp_path):
     missing = tmp_path / "no_tfds_here"
-    with pytest.raises(FileNotFoundError, match="tfds build cifar10") as info:
+    with pytest.raises(DataError, match="tfds build cifar10") as info:
         data.get_dataset(_config(name="cifar10", data_dir=str(missing)))
     message = str(info.value)
     assert "\n" not in message and "'cifar10'" in message and str(missing) in message
@@ -208,6 +210,52 @@ def test_load_generated_bad(tmp_path, arrays, match):
     with pytest.raises(ValueError, match=match) as info:
         ddpm.load_generated(path, 10, (8, 8, 1))
     assert "bad.npz" in str(info.value) and "\n" not in str(info.value)
+
+
+def _member_offset(path: str, key: str) -> int:
+    """Offset in the file of member `key`'s bytes (found independently of the loader)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{key}.npy")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+    return info.header_offset + 30 + int(name_len) + int(extra_len)
+
+
+def test_load_generated_detects_overwritten_bytes_once_per_file_version(tmp_path, monkeypatch):
+    images, labels = _generated(n=200)  # larger than zipfile's read-ahead of the header
+    path = _write_npz(tmp_path / "gen.npz", image=images, label=labels)
+    calls = []
+    crc_ok = ddpm._Member.crc_ok
+    monkeypatch.setattr(ddpm._Member, "crc_ok", lambda self: calls.append(self.key) or crc_ok(self))
+    ddpm.load_generated(path, 10, (8, 8, 1))
+    assert sorted(calls) == ["image", "label"] and os.path.exists(path + ddpm.VERIFIED_SUFFIX)
+    ddpm.load_generated(path, 10, (8, 8, 1))  # same size and mtime: not read again
+    assert len(calls) == 2
+
+    with open(path, "r+b") as f:  # overwrite pixels of row 150 in place (the size stays)
+        f.seek(_member_offset(path, "image") + 128 + 150 * 64 + 10)
+        f.write(b"\xff\xfe")
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=r"gen\.npz.*field 'image' fails its zip CRC-32") as info:
+        ddpm.load_generated(path, 10, (8, 8, 1))
+    assert "\n" not in str(info.value)
+
+
+def test_load_generated_header_claiming_more_rows_than_stored(tmp_path):
+    images, labels = _generated()
+    path = str(tmp_path / "short.npz")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (20, 8, 8, 1)}
+    )
+    label_bytes = io.BytesIO()
+    np.save(label_bytes, np.arange(20) % 10)
+    with zipfile.ZipFile(path, "w") as archive:  # stored, as np.savez writes
+        archive.writestr("image.npy", header.getvalue() + images.tobytes())  # 12 of 20 rows
+        archive.writestr("label.npy", label_bytes.getvalue())
+    with pytest.raises(DataError, match=r"short\.npz.*field 'image'.*claims shape \(20, 8, 8, 1\)"):
+        ddpm.load_generated(path, 10, (8, 8, 1))
 
 
 def test_load_generated_missing_file(tmp_path):

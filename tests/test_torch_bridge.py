@@ -1,6 +1,7 @@
 """The PyTorch bridge: Flax -> PyTorch parity of every architecture, RobustBench WRN names,
 --mode export / autoattack end to end, bad exports, and torch staying optional."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("pyautoattack")
 
 from score_jax import models  # noqa: E402
+from score_jax.errors import CheckpointError  # noqa: E402
 from score_jax.torch_bridge import (  # noqa: E402
     INSTALL_HINT,
     build_torch_model,
@@ -220,25 +222,50 @@ def test_autoattack_end_to_end_and_bad_exports(tmp_path):
     assert (meta["dataset"], meta["norm"], meta["epsilon"], meta["step"]) == (
         "digits", "linf", 0.05, 100
     )  # fmt: skip
-    state = torch.load(export / "model.pt", weights_only=True)
+    model_pt = export / "model.pt"
+    state = torch.load(model_pt, weights_only=True)
     assert set(state) == set(load_exported(str(export)).state_dict())
     assert sorted(os.listdir(export)) == ["model.json", "model.pt"]  # no temp files left
 
-    # Bad exports: one line naming the file.
-    (export / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"cannot load exported model .*model\.pt") as e:
+    # A stale export (older than the checkpoint it should come from) is noticed.
+    from score_jax.torch_bridge.autoattack_eval import _stale
+
+    assert _stale(meta, str(workdir)) == ""
+    assert "step 60, the workdir's best checkpoint is at step 100" in _stale(
+        {**meta, "step": 60}, str(workdir)
+    )
+
+    # Bad exports: one line naming the file. A replaced model.pt, even a valid state dict of the
+    # right shapes, fails model.json's sha256.
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, model_pt)
+    with pytest.raises(CheckpointError, match=r"model\.pt does not match the sha256") as e:
         load_exported(str(export))
     assert "\n" not in str(e.value)
-    torch.save({k: v for k, v in state.items() if k != "logits.bias"}, export / "model.pt")
-    with pytest.raises(ValueError, match=r"model\.pt does not match .*logits\.bias") as e:
+    model_pt.write_bytes(b"not a checkpoint")
+    _rehash(export)  # model.json vouches for these bytes: torch.load's error names the file
+    with pytest.raises(CheckpointError, match=r"cannot load exported model .*model\.pt") as e:
         load_exported(str(export))
     assert "\n" not in str(e.value)
-    os.remove(export / "model.pt")
-    with pytest.raises(ValueError, match=r"cannot load exported model .*model\.pt"):
+    torch.save({k: v for k, v in state.items() if k != "logits.bias"}, model_pt)
+    _rehash(export)
+    with pytest.raises(CheckpointError, match=r"model\.pt does not match .*logits\.bias") as e:
+        load_exported(str(export))
+    assert "\n" not in str(e.value)
+    os.remove(model_pt)
+    with pytest.raises(CheckpointError, match=r"cannot read exported model .*model\.pt"):
         load_exported(str(export))
     os.remove(export / "model.json")
-    with pytest.raises(ValueError, match=r"cannot read export metadata .*model\.json"):
+    with pytest.raises(CheckpointError, match=r"cannot read export metadata .*model\.json"):
         load_exported(str(export))
+
+
+def _rehash(export) -> None:
+    """Rewrites model.json's sha256 for the current model.pt (as if the export had written it)."""
+    with open(export / "model.json") as f:
+        meta = json.load(f)
+    meta["sha256"] = hashlib.sha256((export / "model.pt").read_bytes()).hexdigest()
+    with open(export / "model.json", "w") as f:
+        json.dump(meta, f)
 
 
 def test_custom_attacks_validation():

@@ -19,6 +19,7 @@ from score_jax.data.pipeline import (
     eval_batches,
     num_eval_batches,
 )
+from score_jax.errors import ConfigError, DataError
 
 __all__ = [
     "DATASET_NAMES",
@@ -47,7 +48,7 @@ class Split:
 
     def __post_init__(self):
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,7 +77,7 @@ def get_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
     """Loads the dataset described by `config.dataset` (name, data_dir, num_validation, ...)."""
     name = dataset_config.name
     if name not in DATASET_NAMES:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config.dataset.name={name!r}; valid names: {', '.join(DATASET_NAMES)}"
         )
     ddpm_path = dataset_config.get("ddpm_path", "") or ""

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from score_jax.errors import ConfigError
+
 
 def crop(image: jax.Array, offset: jax.Array, padding: int) -> jax.Array:
     """The (H, W) window at `offset` (dy, dx) in [0, 2*padding] of the zero-padded image."""
@@ -77,9 +79,9 @@ def augment(
       The augmented images, same shape and dtype; the identity when all are off.
     """
     if crop_padding < 0:
-        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        raise ConfigError(f"config.augment.crop_padding must be >= 0, got {crop_padding}")
     if rotation_degrees < 0:
-        raise ValueError(f"rotation_degrees must be >= 0, got {rotation_degrees}")
+        raise ConfigError(f"config.augment.rotation_degrees must be >= 0, got {rotation_degrees}")
     if crop_padding == 0 and not flip and rotation_degrees == 0:
         return images
     return jax.vmap(lambda x, k: _augment_one(x, k, crop_padding, flip, rotation_degrees))(

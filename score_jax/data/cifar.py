@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from score_jax.data import VALIDATION_ORDERS, Dataset, Split, cifar_archive
-from score_jax.errors import DataError
+from score_jax.errors import ConfigError, DataError
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -23,12 +23,12 @@ _READ_CHUNK = 1024
 _NOT_PREPARED_ERRORS = (KeyError, NotImplementedError, FileNotFoundError, AssertionError)
 
 
-def _not_prepared(name: str, data_dir: str | None, err: Exception) -> FileNotFoundError:
+def _not_prepared(name: str, data_dir: str | None, err: Exception) -> DataError:
     import tensorflow_datasets as tfds
 
     shown = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
     layout = cifar_archive.LAYOUTS[name]
-    return FileNotFoundError(
+    return DataError(
         f"TFDS dataset {name!r} is not prepared as ArrayRecord in data_dir {shown!r} "
         f"({type(err).__name__}) and that path holds no {layout.archive} or {layout.folder}/; "
         f"set config.dataset.data_dir to {layout.archive} (https://www.cs.toronto.edu/~kriz/"
@@ -80,7 +80,7 @@ def load(
     tfds for TFDS data).
     """
     if name not in NUM_CLASSES:
-        raise ValueError(f"Unknown CIFAR dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
+        raise ConfigError(f"Unknown CIFAR dataset {name!r}; valid: {', '.join(NUM_CLASSES)}")
     if validation_order not in VALIDATION_ORDERS:
         raise DataError(
             f"config.dataset.validation_order={validation_order!r}; valid: {VALIDATION_ORDERS}"
@@ -102,7 +102,7 @@ def load(
     else:
         full, test = _read_tfds(name, data_dir)
     if not 0 <= num_validation < len(full):
-        raise ValueError(
+        raise ConfigError(
             f"config.dataset.num_validation={num_validation} must be in [0, {len(full)}) "
             f"(the size of the {name} train split)"
         )

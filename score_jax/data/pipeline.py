@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from score_jax.errors import ConfigError, DataError
+
 if TYPE_CHECKING:
     from score_jax.data import Dataset, Split
 
@@ -28,9 +30,9 @@ def check_real_fraction(real_fraction: float, has_generated: bool) -> float:
     """Validates `config.dataset.real_fraction` against the presence of DDPM data."""
     real_fraction = float(real_fraction)
     if not 0.0 < real_fraction <= 1.0:
-        raise ValueError(f"config.dataset.real_fraction must be in (0, 1], got {real_fraction}")
+        raise ConfigError(f"config.dataset.real_fraction must be in (0, 1], got {real_fraction}")
     if real_fraction < 1.0 and not has_generated:
-        raise ValueError(
+        raise ConfigError(
             f"config.dataset.real_fraction={real_fraction} < 1 needs generated data, but "
             "config.dataset.ddpm_path is empty"
         )
@@ -49,7 +51,7 @@ def _process_slice(
     if process_count is None:
         process_count = jax.process_count()
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"{field}={global_batch_size} must be a positive multiple of the "
             f"process count {process_count}"
         )
@@ -90,7 +92,7 @@ class TrainBatcher:
     ):
         self.real_fraction = check_real_fraction(real_fraction, dataset.generated is not None)
         if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
+            raise ConfigError(f"config.seed must be non-negative, got {seed}")
         self.process_index, self.process_count, self.local_batch_size = _process_slice(
             global_batch_size, process_index, process_count
         )
@@ -100,7 +102,7 @@ class TrainBatcher:
         self.seed = int(seed)
         self.num_train = len(self.train)
         if self.num_train == 0:
-            raise ValueError("the train split is empty")
+            raise DataError("the train split is empty")
         if self.real_fraction == 1.0:
             self.num_real = global_batch_size
         else:

@@ -5,16 +5,19 @@ Every model is called as `model.apply(variables, x, train)` with x in [0, 1], NH
 {"params", "batch_stats"}; every BatchNorm module's name starts with "batchnorm" or "bn".
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
 
+from score_jax.errors import ConfigError
 from score_jax.models.layers import (
     ACTIVATIONS,
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    CONV_IMPLS,
     INIT_SCHEMES,
     Conv,
     check_init_scheme,
@@ -43,6 +46,15 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "small-cnn": SmallCNN,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
+_SHARED = ("activation", "conv_impl", "dtype")  # set from config.model's own fields
+
+
+def model_fields(name: str) -> tuple[str, ...]:
+    """The architecture fields of model `name` that a config may set (model.width, ...)."""
+    make = _MODELS[name]
+    cls = getattr(make, "func", make)
+    shared = ("parent", "name", "num_classes", "mean", "std", "bn_axis_name", *_SHARED)
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in shared)
 
 
 def get_model(name: str, num_classes: int, **kw) -> nn.Module:
@@ -53,7 +65,7 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
     initialisation of convolutions and linear layers).
     """
     if name not in _MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
+        raise ConfigError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
     if "activation" in kw:
         get_activation(kw["activation"])
     if "conv_impl" in kw:
@@ -69,6 +81,7 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "CONV_IMPLS",
     "INIT_SCHEMES",
     "MODEL_NAMES",
     "Conv",
@@ -84,4 +97,5 @@ __all__ = [
     "WRN70_16",
     "WideResNet",
     "get_model",
+    "model_fields",
 ]

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from score_jax.errors import ConfigError
+
 Padding = tuple[tuple[int, int], tuple[int, int]]
 Dtype = Any
 
@@ -51,14 +53,14 @@ def check_init_scheme(name: str) -> str:
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """Returns the activation function called `name`."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
+        raise ConfigError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
 
 
 def resolve_conv_impl(impl: str) -> str:
     """Maps "auto" to "im2col" on CPU and "xla" elsewhere; validates the name."""
     if impl not in CONV_IMPLS:
-        raise ValueError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
+        raise ConfigError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
     if impl == "auto":
         return "im2col" if jax.default_backend() == "cpu" else "xla"
     return impl

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from score_jax.errors import ConfigError
 from score_jax.models.layers import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -95,7 +96,9 @@ class WideResNet(_WRNBase):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {self.depth}.")
+            raise ConfigError(
+                f"config.model.depth: WRN depth must be 6n+4 with n >= 1, got {self.depth}."
+            )
         num_blocks = (self.depth - 4) // 6
         widths = (16 * self.width, 32 * self.width, 64 * self.width)
         out = normalize(x, self.mean, self.std, self.dtype)

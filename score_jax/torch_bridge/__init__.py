@@ -2,7 +2,7 @@
 
 PyTorch and pyautoattack are optional: this package imports them only when one of its functions
 is first used (`from score_jax.torch_bridge import build_torch_model`), and raises
-`MissingTorchError` (a ValueError and an ImportError) with the install command if absent.
+`MissingTorchError` (a ScoreError and an ImportError) with the install command if absent.
 
 Public API:
   build_torch_model(model_name, num_classes, **kw) -> torch.nn.Module
@@ -15,6 +15,8 @@ Public API:
 
 import importlib
 from typing import Any
+
+from score_jax.errors import ScoreError
 
 INSTALL_HINT = "pip install torch==2.13.0 pyautoattack"
 
@@ -32,7 +34,7 @@ _EXPORTS = {
 }
 
 
-class MissingTorchError(ImportError, ValueError):
+class MissingTorchError(ImportError, ScoreError):
     """PyTorch or pyautoattack is not installed."""
 
 

@@ -19,12 +19,13 @@ import ml_collections
 import numpy as np
 import torch
 
-from score_jax import data, trainer
+from score_jax import checkpoint, config_lib, data, trainer
+from score_jax.errors import CheckpointError, ConfigError
 from score_jax.torch_bridge import export
 
 RESULTS_FILE = "autoattack.json"
-VERSIONS = ("standard", "plus", "rand", "custom")
-ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+VERSIONS = config_lib.AUTOATTACK_VERSIONS
+ATTACK_NAMES = config_lib.AUTOATTACK_NAMES
 NORMS = {"linf": "Linf", "l2": "L2"}
 PGD_STEPS = 20
 
@@ -33,24 +34,24 @@ def custom_attacks(aa: ml_collections.ConfigDict) -> list[str]:
     """config.autoattack.attacks as a list (entries may also be comma-separated); validated."""
     version = aa.version
     if version not in VERSIONS:
-        raise ValueError(f"config.autoattack.version={version!r}; valid: {', '.join(VERSIONS)}")
+        raise ConfigError(f"config.autoattack.version={version!r}; valid: {', '.join(VERSIONS)}")
     raw = aa.get("attacks", ()) or ()
     if isinstance(raw, str):
         raw = (raw,)
     attacks = [a.strip() for item in raw for a in str(item).split(",") if a.strip()]
     bad = [a for a in attacks if a not in ATTACK_NAMES]
     if bad:
-        raise ValueError(f"config.autoattack.attacks has unknown {bad}; valid: {ATTACK_NAMES}")
+        raise ConfigError(f"config.autoattack.attacks has unknown {bad}; valid: {ATTACK_NAMES}")
     if version == "custom" and not attacks:
-        raise ValueError("config.autoattack.attacks must list attacks for version='custom'")
+        raise ConfigError("config.autoattack.attacks must list attacks for version='custom'")
     if version != "custom" and attacks:
-        raise ValueError(
+        raise ConfigError(
             f"config.autoattack.attacks is only used with version='custom' (got {version!r})"
         )
     if aa.batch_size <= 0:
-        raise ValueError(f"config.autoattack.batch_size={aa.batch_size} must be > 0")
+        raise ConfigError(f"config.autoattack.batch_size={aa.batch_size} must be > 0")
     if aa.num_examples == 0 or aa.num_examples < -1:
-        raise ValueError(f"config.autoattack.num_examples={aa.num_examples}: -1 (all) or > 0")
+        raise ConfigError(f"config.autoattack.num_examples={aa.num_examples}: -1 (all) or > 0")
     return attacks
 
 
@@ -105,6 +106,28 @@ def jax_pgd20(
     return setup.evaluate({"pgd": pgd20_spec(setup.config)}, variables, split)
 
 
+def _stale(meta: dict[str, Any], workdir: str) -> str:
+    """Why the export `meta` is older than the checkpoint it should come from ("" if it is not):
+    the best checkpoint if there is one, else the last (as export_workdir chooses)."""
+    if not checkpoint.exists(workdir):
+        return ""  # nothing to compare with: the export is all there is
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        best = ckpt.latest_step(best=True)
+        current = ("best", best) if best is not None else ("last", ckpt.latest_step())
+    finally:
+        ckpt.close()
+    if current[1] is None:
+        return ""
+    exported = (meta.get("checkpoint"), meta.get("step"))
+    if exported == current:
+        return ""
+    return (
+        f"it holds the {exported[0]} checkpoint at step {exported[1]}, the workdir's "
+        f"{current[0]} checkpoint is at step {current[1]}"
+    )
+
+
 def run_autoattack(
     config: ml_collections.ConfigDict, workdir: str, params: str = "auto"
 ) -> dict[str, Any]:
@@ -114,7 +137,7 @@ def run_autoattack(
     from pyautoattack import AutoAttack
 
     if jax.process_count() > 1:
-        raise ValueError(
+        raise ConfigError(
             "--mode autoattack runs in a single process: start it without --distributed / "
             "--coordinator_address (it reads the checkpoint that all processes wrote)"
         )
@@ -123,18 +146,23 @@ def run_autoattack(
     params = export.resolve_params(config, params)
     pgd_spec = pgd20_spec(config)
     if config.attack.norm not in NORMS:
-        raise ValueError(f"config.attack.norm={config.attack.norm!r}: AutoAttack needs linf or l2")
+        raise ConfigError(f"config.attack.norm={config.attack.norm!r}: AutoAttack needs linf or l2")
     out_dir = export.export_dir(workdir)
     if not all(
         os.path.exists(os.path.join(out_dir, f)) for f in (export.MODEL_FILE, export.META_FILE)
     ):
         export.export_workdir(config, workdir, params)
     meta = export.read_meta(out_dir)
+    stale = _stale(meta, workdir)
+    if stale:
+        print(f"The export in {out_dir} is stale ({stale}): exporting again", flush=True)
+        export.export_workdir(config, workdir, params)
+        meta = export.read_meta(out_dir)
     if meta.get("params") != params:
         print(f"Using the existing export in {out_dir} ({meta.get('params')} params)", flush=True)
     name = config.model.name
     if meta["architecture"] != name or meta.get("dataset") != config.dataset.name:
-        raise ValueError(
+        raise CheckpointError(
             f"{out_dir} holds a {meta['architecture']} for {meta.get('dataset')}, but the config "
             f"is {name} on {config.dataset.name}; delete it to export again"
         )

@@ -18,6 +18,7 @@ from flax import traverse_util
 from torch import nn
 
 from score_jax import checkpoint, trainer
+from score_jax.errors import CheckpointError, ConfigError
 from score_jax.torch_bridge.models import ARCH_FIELDS, build_torch_model, family
 
 EXPORT_DIR = "export"
@@ -29,7 +30,7 @@ PARAM_CHOICES = ("auto", "ema", "raw")  # auto: config.best_by, the parameters s
 def resolve_params(config: ml_collections.ConfigDict, params: str) -> str:
     """ "ema" or "raw": `params`, or config.best_by for "auto"; ValueError naming the flag."""
     if params not in PARAM_CHOICES:
-        raise ValueError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
+        raise ConfigError(f"--export_params={params!r}; valid: {', '.join(PARAM_CHOICES)}")
     return config.best_by if params == "auto" else params
 
 
@@ -132,15 +133,15 @@ def import_state_dict(model_name: str, state: dict[str, torch.Tensor], template:
     for (collection, *path), ref in _flat(template).items():
         key = _torch_key(fam, collection, tuple(path))
         if key not in state:
-            raise ValueError(f"state dict lacks {key!r}")
+            raise CheckpointError(f"state dict lacks {key!r}")
         value = _to_flax_layout(path[-1], state[key].detach().cpu().numpy())
         if value.shape != tuple(ref.shape):
-            raise ValueError(f"{key}: shape {value.shape}, expected {tuple(ref.shape)}")
+            raise CheckpointError(f"{key}: shape {value.shape}, expected {tuple(ref.shape)}")
         out[collection][tuple(path)] = np.asarray(value, dtype=ref.dtype)
         used.add(key)
     extra = [k for k in state if k not in used and not k.endswith("num_batches_tracked")]
     if extra:
-        raise ValueError(f"state dict has unexpected keys {extra[:5]}")
+        raise CheckpointError(f"state dict has unexpected keys {extra[:5]}")
     return {c: traverse_util.unflatten_dict(t) for c, t in out.items()}
 
 
@@ -195,11 +196,13 @@ def export_workdir(
     """
     params = resolve_params(config, params)
     if not checkpoint.exists(workdir):
-        raise ValueError(f"workdir {workdir!r} holds no checkpoint to export")
+        raise CheckpointError(f"workdir {workdir!r} holds no checkpoint to export")
     setup = trainer.Setup(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
-        state, _, use_best = ckpt.restore_final(setup.initial_state())
+        state, _, use_best = ckpt.restore_final(
+            setup.initial_state(), fallback=config.resume_fallback
+        )
     finally:
         ckpt.close()
     chosen = state.ema_params if params == "ema" else state.params
@@ -248,7 +251,7 @@ def export_workdir(
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-    """The model.json of an export directory; ValueError (one line) if missing or corrupt."""
+    """The model.json of an export directory; CheckpointError (one line) if missing or corrupt."""
     path = os.path.join(directory, META_FILE)
     try:
         with open(path) as f:
@@ -257,7 +260,7 @@ def read_meta(directory: str) -> dict[str, Any]:
         if missing:
             raise KeyError(f"no {', '.join(missing)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read export metadata {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot read export metadata {path}: {_one_line(e)}") from None
     return meta
 
 
@@ -269,22 +272,37 @@ def _one_line(e: BaseException) -> str:
 def load_exported(directory: str) -> nn.Module:
     """The exported PyTorch model of `directory` (<workdir>/export) in eval mode.
 
-    Reads model.json and model.pt with `torch.load(..., weights_only=True)`; any missing,
-    corrupt or mismatching file raises ValueError with one line naming it.
+    Reads model.json and model.pt with `torch.load(..., weights_only=True)` after checking
+    model.pt against model.json's sha256; any missing, corrupt or mismatching file raises
+    CheckpointError with one line naming it.
     """
     meta = read_meta(directory)
     path = os.path.join(directory, MODEL_FILE)
+    if "sha256" not in meta:
+        raise CheckpointError(
+            f"export metadata {os.path.join(directory, META_FILE)} records no sha256 of "
+            f"{MODEL_FILE}; run --mode export again"
+        )
+    try:
+        digest = _sha256(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read exported model {path}: {e.strerror}") from None
+    if digest != meta["sha256"]:
+        raise CheckpointError(
+            f"exported model {path} does not match the sha256 in {META_FILE} (replaced or "
+            "corrupt); delete the export directory and run --mode export again"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a state dict")
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"cannot load exported model {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot load exported model {path}: {_one_line(e)}") from None
     try:
         model = build_torch_model(meta["architecture"], int(meta["num_classes"]), **meta["kwargs"])
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise ValueError(
+        raise CheckpointError(
             f"exported model {path} does not match {os.path.join(directory, META_FILE)}: "
             f"{_one_line(e)}"
         ) from None

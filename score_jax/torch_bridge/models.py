@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from score_jax.errors import ConfigError
 from score_jax.models.layers import CIFAR10_MEAN, CIFAR10_STD
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU}
@@ -36,7 +37,7 @@ JAX_ONLY_FIELDS = ("conv_impl", "dtype", "bn_axis_name", "init_scheme")
 
 def _activation(name: str) -> type[nn.Module]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
+        raise ConfigError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
 
 
@@ -147,7 +148,7 @@ class DMWideResNet(_Normalized):
     ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}.")
+            raise ConfigError(f"WRN depth must be 6n+4 with n >= 1, got {depth}.")
         act = _activation(activation)
         in_channels = self._register_normalization(mean, std)
         num_channels = [16, 16 * width, 32 * width, 64 * width]
@@ -337,7 +338,7 @@ def family(model_name: str) -> str:
     from score_jax.models import MODEL_NAMES
 
     if model_name not in MODEL_NAMES:
-        raise ValueError(f"Unknown model {model_name!r}; valid names: {', '.join(MODEL_NAMES)}.")
+        raise ConfigError(f"Unknown model {model_name!r}; valid names: {', '.join(MODEL_NAMES)}.")
     return "wrn" if model_name.startswith("wrn-") else model_name
 
 
@@ -354,7 +355,7 @@ def build_torch_model(model_name: str, num_classes: int, **kw: Any) -> nn.Module
         kw.pop("activation", None)
     unknown = set(kw) - {"mean", "std", "activation", *ARCH_FIELDS[fam]}
     if unknown:
-        raise ValueError(f"{model_name}: unknown model fields {sorted(unknown)}")
+        raise ConfigError(f"{model_name}: unknown model fields {sorted(unknown)}")
     for k in ("mean", "std"):
         if k in kw:
             kw[k] = tuple(float(v) for v in kw[k])
