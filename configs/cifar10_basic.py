@@ -16,6 +16,7 @@ code selects on the test set.
 """
 
 from score_jax import config_lib, losses
+from score_jax.errors import ConfigError
 
 
 def get_config(variant: str = "trades-se"):
@@ -23,9 +24,11 @@ def get_config(variant: str = "trades-se"):
     loss_type, kind = parts[0], parts[1] if len(parts) > 1 else "se"
     flags = set(parts[2:])
     if loss_type not in ("trades", "pgd_at") or kind not in losses.DIVERGENCES:
-        raise ValueError(f"config variant {variant!r}: expected <trades|pgd_at>-<kind>[-clip][-l2]")
+        raise ConfigError(
+            f"config variant {variant!r}: expected <trades|pgd_at>-<kind>[-clip][-l2]"
+        )
     if flags - {"clip", "l2"}:
-        raise ValueError(f"config variant {variant!r}: unknown options {sorted(flags)}")
+        raise ConfigError(f"config variant {variant!r}: unknown options {sorted(flags)}")
 
     c = config_lib.base_config()
     c.dataset.name = "cifar10"

@@ -198,7 +198,7 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     options = {v for v in variant.split(",") if v}
     unknown = options - {"beta3", "l2", "wrn-70-16"}
     if unknown:
-        raise ValueError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
+        raise ConfigError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
     c = base_config()
     c.dataset.name = dataset
     c.dataset.num_validation = 1024
