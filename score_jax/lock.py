@@ -3,6 +3,9 @@
 The kernel releases the lock when its holder exits, however it exits (a crash or SIGKILL
 included), so a lock is never stale; the file's text (pid, host, start time) only names the
 holder in the error a second run gets. A multi-process run takes it on process 0 only.
+A gs:// workdir has no fcntl: there `workdir_io.ObjectLock` creates <workdir>/run.lock only if
+it is absent (GCS's create-only precondition), and a run killed without warning leaves it behind
+(the error says how to delete it).
 """
 
 import datetime
@@ -11,6 +14,7 @@ import json
 import os
 import socket
 
+from score_jax import workdir_io
 from score_jax.errors import WorkdirError
 
 LOCK_FILE = "run.lock"
@@ -63,3 +67,10 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
     except (OSError, ValueError, KeyError):
         return "holder unknown"
+
+
+def workdir_lock(workdir: str, enabled: bool = True):
+    """The workdir's lock as a context manager: WorkdirLock locally, ObjectLock on gs://."""
+    if enabled and workdir_io.is_remote(workdir):
+        return workdir_io.ObjectLock(workdir_io.join(workdir, LOCK_FILE))
+    return WorkdirLock(workdir, enabled)

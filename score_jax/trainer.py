@@ -5,8 +5,6 @@ checkpoints / metrics. The loop never waits for the device except to read the pr
 scalar metrics (the divergence guard) and to evaluate.
 """
 
-import json
-import os
 import signal
 import time
 from typing import Any
@@ -17,11 +15,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from score_jax import checkpoint, config_lib, data, evaluate, models, optim, train
+from score_jax import checkpoint, config_lib, data, evaluate, models, optim, train, workdir_io
 from score_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
-from score_jax.lock import WorkdirLock
+from score_jax.lock import workdir_lock
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
 
@@ -49,39 +48,38 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 
 
 class MetricWriter:
-    """metrics.jsonl + TensorBoard scalars, written by process 0 only."""
+    """metrics.jsonl + TensorBoard scalars, written by process 0 only (local or gs:// workdirs:
+    workdir_io.MetricsLog rewrites a remote metrics.jsonl, which cannot be appended to)."""
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
-        self.tb = None
+        self.log = self.tb = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.log = workdir_io.MetricsLog(workdir_io.join(workdir, METRICS_FILE))
+            self.tb = workdir_io.summary_writer(workdir_io.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+        self.log.append({"step": step, **scalars})
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
 
+    def truncate_after(self, step: int) -> None:
+        """Drops lines logged after `step` (written before a crash, to be written again)."""
+        if self.enabled:
+            self.log.truncate_after(step)
+
+    def drop_test_lines(self) -> None:
+        """Drops earlier test-only lines (a new test evaluation replaces them)."""
+        if self.enabled:
+            self.log.retain(lambda r: not all(k == "step" or k.startswith("test/") for k in r))
+
     def close(self) -> None:
-        if self.tb is not None:
+        if self.enabled:
+            self.log.close()
             self.tb.close()
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drops lines logged after `step` (written before a crash, to be written again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
 
 
 class PreemptionWatch:
@@ -110,14 +108,14 @@ class PreemptionWatch:
 
 
 def _check_writable(workdir: str) -> None:
+    """Creates the workdir (local or remote) and writes and removes a probe file in it."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        workdir_io.makedirs(workdir)
+        probe = workdir_io.join(workdir, ".write_test")
+        workdir_io.write_text_atomic(probe, "ok")
+        workdir_io.remove(probe)
     except OSError as e:
-        raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+        raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
 def _summary_table(rows: dict[str, dict[str, float]], names: list[str]) -> str:
@@ -143,22 +141,6 @@ def _section_scalars(prefix: str, rows: dict[str, dict[str, float]]) -> dict[str
         for k, v in r.items()
         if k != "num_examples"
     }
-
-
-def _drop_test_lines(path: str) -> None:
-    """Drops earlier test-only lines of metrics.jsonl (a new test evaluation replaces them)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    keep = [
-        line
-        for line in lines
-        if not all(k == "step" or k.startswith("test/") for k in json.loads(line))
-    ]
-    if len(keep) != len(lines):
-        with open(path, "w") as f:
-            f.writelines(keep)
 
 
 class Setup:
@@ -328,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     setup = Setup(config, workdir)  # validates, loads the data: nothing is written before
     _check_writable(workdir)
     # One run per workdir (process 0 holds the lock); released however this process exits.
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    with workdir_lock(workdir, enabled=jax.process_index() == 0):
         return _train(setup, workdir)
 
 
@@ -341,13 +323,15 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
     best_value = float(meta.get("best_value", -1.0))
     fingerprint = checkpoint.fingerprint(config)
     is_main = jax.process_index() == 0
+    writer = MetricWriter(workdir)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        _truncate_metrics(os.path.join(workdir, METRICS_FILE), start_step)
+        workdir_io.write_text_atomic(
+            workdir_io.join(workdir, CONFIG_FILE),
+            config.to_json_best_effort(indent=2, sort_keys=True),
+        )
+        writer.truncate_after(start_step)
         if start_step:
             print(f"Resuming from {ckpt.step_dir(start_step)} (step {start_step})", flush=True)
-    writer = MetricWriter(workdir)
 
     step_fn = train.compile_train_step(
         setup.model,
@@ -511,13 +495,12 @@ def evaluate_workdir(
         "evaluators": {name: spec.to_dict() for name, spec in specs.items()},
         **{f"test_{name}": r for name, r in rows.items()},
     }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        _drop_test_lines(os.path.join(workdir, METRICS_FILE))
     own_writer = writer is None
     if own_writer:
         writer = MetricWriter(workdir)
+    if jax.process_index() == 0:
+        workdir_io.write_json_atomic(workdir_io.join(workdir, RESULTS_FILE), results)
+    writer.drop_test_lines()
     writer.write(
         last_step if last_step is not None else results["step"], _section_scalars("test", rows)
     )

@@ -5,7 +5,6 @@ Writes <workdir>/autoattack.json.
 """
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from score_jax import checkpoint, config_lib, data, trainer
+from score_jax import checkpoint, config_lib, data, trainer, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
 from score_jax.torch_bridge import export
 
@@ -149,7 +148,8 @@ def run_autoattack(
         raise ConfigError(f"config.attack.norm={config.attack.norm!r}: AutoAttack needs linf or l2")
     out_dir = export.export_dir(workdir)
     if not all(
-        os.path.exists(os.path.join(out_dir, f)) for f in (export.MODEL_FILE, export.META_FILE)
+        workdir_io.exists(workdir_io.join(out_dir, f))
+        for f in (export.MODEL_FILE, export.META_FILE)
     ):
         export.export_workdir(config, workdir, params)
     meta = export.read_meta(out_dir)
@@ -221,13 +221,8 @@ def run_autoattack(
         "pgd20_attack": pgd_spec.to_dict(),
         "device": str(device),
     }
-    path = os.path.join(workdir, RESULTS_FILE)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-
-    export.atomic_write(path, write)
+    path = os.fspath(workdir_io.join(workdir, RESULTS_FILE))
+    workdir_io.write_json_atomic(path, results)
     print(
         f"{n} test examples: clean {100 * clean:.2f}% (JAX {100 * pgd['clean_accuracy']:.2f}%), "
         f"PGD-{PGD_STEPS} {100 * pgd['pgd_accuracy']:.2f}%, AutoAttack {100 * robust:.2f}% "

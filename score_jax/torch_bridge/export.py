@@ -4,7 +4,6 @@ Conv kernels HWIO <-> OIHW, Dense (in, out) <-> Linear (out, in); BatchNorm scal
 weight/bias, batch_stats mean/var <-> running_mean/running_var (+ num_batches_tracked = 0).
 """
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import torch
 from flax import traverse_util
 from torch import nn
 
-from score_jax import checkpoint, trainer
+from score_jax import checkpoint, trainer, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
 from score_jax.torch_bridge.models import ARCH_FIELDS, build_torch_model, family
 
@@ -149,26 +148,8 @@ def import_state_dict(model_name: str, state: dict[str, torch.Tensor], template:
 
 
 def export_dir(workdir: str) -> str:
-    return os.path.join(workdir, EXPORT_DIR)
-
-
-def atomic_write(path: str, write) -> None:
-    """Calls write(tmp_path), then renames tmp_path to path (no half-written file remains)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """<workdir>/export (local or gs://)."""
+    return os.fspath(workdir_io.join(workdir, EXPORT_DIR))
 
 
 def model_kwargs(model_name: str, flax_model: Any) -> dict[str, Any]:
@@ -217,9 +198,10 @@ def export_workdir(
     out_dir = export_dir(workdir)
     if jax.process_index() != 0:  # every process restored (a collective); process 0 writes
         return {"architecture": name, "written_by_process": 0}
-    os.makedirs(out_dir, exist_ok=True)
-    model_path = os.path.join(out_dir, MODEL_FILE)
-    atomic_write(model_path, lambda p: torch.save(state_dict, p))
+    workdir_io.makedirs(out_dir)
+    model_path = os.fspath(workdir_io.join(out_dir, MODEL_FILE))
+    with workdir_io.local_file_for(model_path) as local:  # torch.save needs a local file
+        torch.save(state_dict, local)
     meta = {
         "architecture": name,
         "kwargs": kwargs,
@@ -235,14 +217,9 @@ def export_workdir(
         "checkpoint": "best" if use_best else "last",
         "step": int(jax.device_get(state.step)),
         "num_parameters": int(sum(np.size(v) for v in jax.tree.leaves(variables["params"]))),
-        "sha256": _sha256(model_path),
+        "sha256": workdir_io.sha256(model_path),
     }
-
-    def write_json(path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-
-    atomic_write(os.path.join(out_dir, META_FILE), write_json)
+    workdir_io.write_json_atomic(workdir_io.join(out_dir, META_FILE), meta)
     print(
         f"Exported {name} ({params} params, {meta['checkpoint']} checkpoint, step "
         f"{meta['step']}) to {model_path}"
@@ -252,13 +229,14 @@ def export_workdir(
 
 def read_meta(directory: str) -> dict[str, Any]:
     """The model.json of an export directory; CheckpointError (one line) if missing or corrupt."""
-    path = os.path.join(directory, META_FILE)
+    path = os.fspath(workdir_io.join(directory, META_FILE))
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(workdir_io.read_text(path, CheckpointError))
         missing = [k for k in ("architecture", "kwargs", "num_classes") if k not in meta]
         if missing:
             raise KeyError(f"no {', '.join(missing)}")
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read export metadata {path}: {_one_line(e)}") from None
     return meta
@@ -277,14 +255,14 @@ def load_exported(directory: str) -> nn.Module:
     CheckpointError with one line naming it.
     """
     meta = read_meta(directory)
-    path = os.path.join(directory, MODEL_FILE)
+    path = os.fspath(workdir_io.join(directory, MODEL_FILE))
     if "sha256" not in meta:
         raise CheckpointError(
             f"export metadata {os.path.join(directory, META_FILE)} records no sha256 of "
             f"{MODEL_FILE}; run --mode export again"
         )
     try:
-        digest = _sha256(path)
+        digest = workdir_io.sha256(path)
     except OSError as e:
         raise CheckpointError(f"cannot read exported model {path}: {e.strerror}") from None
     if digest != meta["sha256"]:
@@ -293,7 +271,8 @@ def load_exported(directory: str) -> nn.Module:
             "corrupt); delete the export directory and run --mode export again"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with workdir_io.open_read(path) as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a state dict")
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
