@@ -35,5 +35,4 @@ def get_config():
     c.ema.decay = 0.995
     c.eval.pgd.step_size = 0.025
     c.test.pgd.step_size = 0.025
-    c.test.autoattack = config_lib.autoattack_evaluator(c.attack)  # JAX, standard, EMA params
     return c

@@ -96,7 +96,7 @@ def checksums(state: Any) -> dict[str, str]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         array = _host_array(leaf)
         crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode())
-        crc = zlib.crc32(memoryview(array).cast("B"), crc)
+        crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)  # bytes of any dtype (bfloat16)
         out[jax.tree_util.keystr(path)] = f"crc32:{crc:08x}"
     return out
 
@@ -125,7 +125,14 @@ class Checkpointer:
         def manager(sub: str, max_to_keep: int) -> ocp.CheckpointManager:
             return ocp.CheckpointManager(
                 workdir_io.join(workdir, sub),
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=max_to_keep,
+                    create=True,
+                    # Multi-process: synchronous saves. Orbax's background commit across
+                    # processes (gloo, CPU) hung or lost a process's array metadata on the
+                    # loaded 2-core test machine now and then.
+                    enable_async_checkpointing=jax.process_count() == 1,
+                ),
                 item_names=("state", "meta"),
             )
 

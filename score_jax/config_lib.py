@@ -184,6 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.select_ties = "strict"
     c.test = ml_collections.ConfigDict()
     c.test.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=20, step_size=2 / 255)
+    c.test.autoattack = autoattack_evaluator(c.attack)  # JAX, standard, config.best_by's params
     # --mode autoattack (score_jax.torch_bridge): AutoAttack on the first num_examples test
     # examples (-1: all); version "standard" | "plus" | "rand" | "custom" (custom: `attacks`,
     # e.g. ("apgd-ce", "apgd-t")).

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from cli_helpers import AUTOATTACK_QUICK
 from test_train import REPO, load_config, tiny_config
 
 from score_jax import checkpoint, config_lib, optim, train, trainer
@@ -76,8 +77,9 @@ def _fixture_args(workdir: str) -> list[str]:
         "num_train_steps": 4,
         "checkpoint_every_steps": 2,
         "attack.num_steps": 2,
-        "eval.num_steps": 2,
-        "test.num_steps": 2,
+        "eval.pgd.num_steps": 2,
+        "test.pgd.num_steps": 2,
+        **AUTOATTACK_QUICK,
         "eval_every_epochs": 0,
         "log_every_steps": 2,
         "progress_bar": False,

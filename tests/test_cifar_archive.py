@@ -206,7 +206,7 @@ def test_file_order_with_tfds_data_is_a_clear_error(tmp_path):
 
 
 def test_not_prepared_gives_recipes_that_work(tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(DataError) as info:
         data.get_dataset(_config("cifar100", tmp_path / "empty"))
     message = _one_line(info)
     for part in ("cifar-100-python.tar.gz", "pip install tensorflow-cpu", "tfds build cifar100"):

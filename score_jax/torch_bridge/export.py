@@ -231,12 +231,11 @@ def read_meta(directory: str) -> dict[str, Any]:
     """The model.json of an export directory; CheckpointError (one line) if missing or corrupt."""
     path = os.fspath(workdir_io.join(directory, META_FILE))
     try:
-        meta = json.loads(workdir_io.read_text(path, CheckpointError))
+        with workdir_io.open_read(path, "r") as f:
+            meta = json.load(f)
         missing = [k for k in ("architecture", "kwargs", "num_classes") if k not in meta]
         if missing:
             raise KeyError(f"no {', '.join(missing)}")
-    except CheckpointError:
-        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read export metadata {path}: {_one_line(e)}") from None
     return meta
