@@ -31,6 +31,7 @@ from score_jax.errors import CheckpointError
 # is not resumed (unless config.resume_ignore_mismatch).
 FINGERPRINT_FIELDS = (
     "seed",
+    "init_from",
     "batch_size",
     "dataset",
     "model",

@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.best_by = "ema"  # "ema" | "raw": whose validation PGD accuracy selects the best checkpoint
     c.resume_ignore_mismatch = False
+    # A released PyTorch checkpoint (.pt / .pth; torch_bridge.released) to start from (new runs)
+    # or to evaluate (--mode eval on a workdir without checkpoints); "": none.
+    c.init_from = ""
     c.resume_extend = False  # resume with another num_train_steps / num_epochs (new schedule)
     c.resume_fallback = False  # a corrupt newest checkpoint: resume from the previous one
     c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
@@ -404,6 +407,7 @@ def field_checks() -> dict[str, Check]:
         "resume_ignore_mismatch": _BOOL,
         "resume_fallback": _BOOL,
         "resume_extend": _BOOL,
+        "init_from": _STRING,
         "sync_batch_stats": _BOOL,
         "progress_bar": _BOOL,
         "dataset.name": _choice(DATASET_NAMES),

@@ -177,6 +177,29 @@ class Setup:
         )
         return train.replicate(state, self.mesh)
 
+    def start_state(self) -> train.TrainState:
+        """The state a new run starts from: `initial_state`, with config.init_from's weights (a
+        released PyTorch checkpoint, torch_bridge.released) as params, EMA and BatchNorm
+        statistics when it is set."""
+        state = self.initial_state()
+        if not self.config.init_from:
+            return state
+        from score_jax import torch_bridge
+
+        torch_bridge.require_torch()
+        from score_jax.torch_bridge import released
+
+        template = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        variables = released.load_variables(
+            self.config.init_from, self.config.model.name, template, self.model.mean, self.model.std
+        )
+        state = state.replace(
+            params=variables["params"],
+            ema_params=variables["params"],
+            batch_stats=variables["batch_stats"],
+        )
+        return train.replicate(state, self.mesh)
+
     def eval_steps(
         self, section: str | dict[str, ml_collections.ConfigDict]
     ) -> dict[str, evaluate.StepFn]:
@@ -244,10 +267,10 @@ def _restore_or_init(
     A corrupt or truncated checkpoint is an error naming it; with config.resume_fallback the
     previous checkpoints are tried in turn.
     """
-    state = setup.initial_state()
     steps = ckpt.all_steps()
     if not steps:
-        return state, {}
+        return setup.start_state(), {}
+    state = setup.initial_state()
     for i, step in enumerate(reversed(steps)):
         try:
             meta = ckpt.restore_meta(step)
@@ -480,17 +503,24 @@ def evaluate_workdir(
     the EMA and the raw parameters; printed as a table, written to <workdir>/results.json and,
     as test/<params>_<evaluator>_accuracy at the newest checkpoint's step, to metrics.jsonl and
     TensorBoard (replacing an earlier test evaluation's lines in metrics.jsonl)."""
-    if ckpt is None and not checkpoint.exists(workdir):
+    imported = ckpt is None and not checkpoint.exists(workdir)
+    own = False
+    if imported and not config.init_from:
         raise CheckpointError(f"workdir {workdir!r} holds no checkpoint to evaluate")
     setup = setup or Setup(config, workdir)
-    own = ckpt is None
-    ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    state, _, use_best = ckpt.restore_final(setup.initial_state(), fallback=config.resume_fallback)
-    last_step = ckpt.latest_step()
+    if imported:  # a released PyTorch checkpoint, evaluated as it is
+        state, use_best, last_step = setup.start_state(), False, 0
+    else:
+        own = ckpt is None
+        ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+        state, _, use_best = ckpt.restore_final(
+            setup.initial_state(), fallback=config.resume_fallback
+        )
+        last_step = ckpt.latest_step()
     rows = setup.evaluate_state("test", state, setup.dataset.test)
     specs = evaluate.evaluator_specs(config.test)
     results = {
-        "checkpoint": "best" if use_best else "last",
+        "checkpoint": config.init_from if imported else "best" if use_best else "last",
         "step": int(jax.device_get(state.step)),
         "evaluators": {name: spec.to_dict() for name, spec in specs.items()},
         **{f"test_{name}": r for name, r in rows.items()},

@@ -184,3 +184,86 @@ def test_bad_files_name_file_and_key(tmp_path, wrn_state, wrn_template):
         load_variables(str(tmp_path / "junk.pt"), "wrn-16-2", wrn_template)
     with pytest.raises(CheckpointError, match="file not found"):
         load_variables(str(tmp_path / "absent.pt"), "wrn-16-2", wrn_template)
+
+
+def _trained_small_cnn(dataset, steps: int = 150) -> nn.Module:
+    """The torch twin of the digits small CNN, trained briefly in PyTorch (so that its
+    predictions are not trivial)."""
+    torch.manual_seed(3)
+    model = build_torch_model(
+        "small-cnn", 10, width=8, hidden=16, mean=dataset.mean, std=dataset.std
+    )
+    x = torch.from_numpy(dataset.train.images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    y = torch.from_numpy(dataset.train.labels.astype(np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_init_from_evaluates_and_starts_from_a_released_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from cli_helpers import AUTOATTACK_QUICK, REPO
+
+    from score_jax import checkpoint, trainer
+    from score_jax.data import digits
+
+    dataset = digits.load()
+    model = _trained_small_cnn(dataset)
+    path = tmp_path / "released.pth"
+    torch.save({"model_state_dict": nn.DataParallel(model).state_dict()}, path)
+    with torch.no_grad():
+        x = torch.from_numpy(dataset.test.images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        predicted = model(x).argmax(1).numpy()
+    torch_accuracy = float(np.mean(predicted == dataset.test.labels))
+    assert torch_accuracy > 0.5  # a non-trivial model
+
+    overrides = {
+        "init_from": str(path),
+        "model.width": 8,
+        "model.hidden": 16,
+        "model.conv_impl": "xla",
+        "eval_batch_size": 60,
+        "test.pgd.num_steps": 1,
+        **AUTOATTACK_QUICK,
+    }
+    workdir = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "score_jax.main", "--config", "configs/digits.py"]
+    cmd += ["--workdir", str(workdir), "--mode", "eval"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["checkpoint"] == str(path) and results["step"] == 0
+    assert results["test_ema"]["clean_accuracy"] == pytest.approx(torch_accuracy, abs=1e-9)
+
+    # Fine-tuning starts from the imported weights (params, EMA and BatchNorm statistics).
+    from score_jax import config_lib
+
+    config = config_lib.load_config_file(f"{REPO}/configs/digits.py")
+    config.update_from_flattened_dict(overrides)
+    setup = trainer.Setup(config, str(tmp_path / "fine"))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "fine"))
+    state, meta = trainer._restore_or_init(setup, ckpt)
+    ckpt.close()
+    assert meta == {} and int(state.step) == 0
+    expected = dict(model.state_dict())
+    np.testing.assert_array_equal(
+        np.asarray(state.params["logits"]["kernel"]), expected["logits.weight"].numpy().T
+    )
+    np.testing.assert_array_equal(
+        np.asarray(state.ema_params["conv_0"]["kernel"]),
+        expected["conv_0.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(state.batch_stats["batchnorm_1"]["var"]),
+        expected["batchnorm_1.running_var"].numpy(),
+    )
