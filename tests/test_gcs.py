@@ -338,7 +338,10 @@ def test_checkpointer_on_gcs(gcs_bucket, tmp_path, monkeypatch):
         ckpt.wait()
         assert ckpt.all_steps() == [2, 3] and ckpt.latest_step(best=True) == 2
         restored, meta = ckpt.restore(state)
-        assert meta == {"fingerprint": {"seed": 0}, "step": 3}
+        assert {k: v for k, v in meta.items() if k != "checksums"} == {
+            "fingerprint": {"seed": 0},
+            "step": 3,
+        }  # checksums: verified by restore itself (tests/test_bad_inputs.py)
         _assert_bit_identical(restored, state)
     finally:
         ckpt.close()
