@@ -424,6 +424,8 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
             scalars["train/epoch"] = (step + 1) / setup.steps_per_epoch
             writer.write(step + 1, scalars)
             images_per_s = len(window) * config.batch_size / elapsed
+            # Its own line: a speed, not part of the (bit-reproducible) training record.
+            writer.write(step + 1, {"perf/images_per_s": images_per_s})
             if progress is not None:
                 progress.set_postfix(
                     loss=f"{scalars['train/loss']:.4f}", img_s=f"{images_per_s:.0f}"

@@ -293,6 +293,9 @@ def test_results_and_metrics_carry_every_evaluator(tmp_path):
     val = [m for m in lines if "val/selection" in m]
     test = [m for m in lines if any(k.startswith("test/") for k in m)]
     assert [m["step"] for m in val] == [2] and [m["step"] for m in test] == [2]
+    speed = [m for m in lines if "perf/images_per_s" in m]  # one line per log step, apart
+    assert speed and all(set(m) == {"step", "perf/images_per_s"} for m in speed)
+    assert all(m["perf/images_per_s"] > 0 for m in speed)
     assert val[0]["val/selection"] == min(
         val[0]["val/ema_pgd_accuracy"], val[0]["val/ema_pgd_se_accuracy"]
     )
