@@ -31,28 +31,10 @@ import torch
 from benchmarks import train_step as ts
 from score_jax import autoattack, data, models, train
 from score_jax.data import digits
+from score_jax.models.random_weights import random_variables
 from score_jax.torch_bridge import build_torch_model, export_state_dict
 
 NORMS = {"linf": "Linf", "l2": "L2"}
-
-
-def _random_variables(shapes, seed: int):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "mean":
-            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        if name == "scale":
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        if name == "bias":
-            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1]))
-        return rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _train_digits(model, ds, steps: int, seed: int = 0) -> dict:
@@ -98,7 +80,7 @@ def setup(args: argparse.Namespace):
         shapes = jax.eval_shape(
             lambda: model.init(jax.random.key(0), np.zeros((1, *shape)), train=False)
         )
-        variables = _random_variables(shapes, seed=1)
+        variables = random_variables(shapes, seed=1)
         n = args.num_examples if args.num_examples > 0 else 16
         images = np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
         logits = jax.jit(lambda v, z: model.apply(v, z, train=False))(variables, images / 255.0)

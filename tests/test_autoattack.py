@@ -24,6 +24,7 @@ from pyautoattack.square import SquareAttack  # noqa: E402
 
 from score_jax import attacks, autoattack, data, models, train  # noqa: E402
 from score_jax.data import digits  # noqa: E402
+from score_jax.models.random_weights import random_variables  # noqa: E402
 from score_jax.torch_bridge import build_torch_model, export_state_dict  # noqa: E402
 
 DIGITS_KW = dict(width=16, hidden=64)
@@ -291,26 +292,6 @@ def test_square_alone_matches_reference(digits_model):
     assert abs(got - want) <= 0.01
 
 
-def _random_variables(shapes, seed: int):
-    """Random params (He-scaled kernels, scale/bias around 1/0) and non-trivial BN statistics."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "mean":
-            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        if name == "scale":
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        if name == "bias":
-            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1]))
-        return rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 def test_tiny_wrn_random_weights_matches_reference():
     """A WRN (depth 10, width 1, 8x8x3) with random weights, labels = its clean predictions:
     APGD-CE from the same start and the deterministic FAB-T give the reference's flags."""
@@ -318,7 +299,7 @@ def test_tiny_wrn_random_weights_matches_reference():
     model = models.get_model("wrn-16-2", 10, conv_impl="xla", **kw)
     x = np.random.default_rng(0).uniform(0.0, 1.0, (48, 8, 8, 3)).astype(np.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
-    variables = _random_variables(shapes, seed=1)
+    variables = random_variables(shapes, seed=1)
     logits_fn = jax.jit(lambda z: model.apply(variables, z, train=False))
     y = np.asarray(jnp.argmax(logits_fn(x), -1)).astype(np.int32)
     tm = build_torch_model("wrn-16-2", 10, **kw)

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from score_jax import config_lib, optim  # noqa: E402
 from score_jax.data import Dataset, Split, TrainBatcher  # noqa: E402
+from score_jax.models.random_weights import random_variables  # noqa: E402
 
 CONFIGS = "configs"
 
@@ -140,26 +141,6 @@ def test_ddpm_epoch_counts_the_full_50000_images():
 # ------------------------------------------------------------ attacks vs PyTorch transcriptions
 
 
-def _random_variables(shapes, seed: int):
-    """Random parameters (He-scaled kernels, BN scale/bias near 1/0) and BN statistics."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "mean":
-            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        if name == "scale":
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        if name == "bias":
-            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1]))
-        return rng.normal(0.0, np.sqrt(2.0 / fan_in), s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 def _models(name: str, kw: dict, shape: tuple[int, ...], seed: int = 1):
     """A Flax model with random variables and the same weights in the exported torch model."""
     from score_jax import models
@@ -169,7 +150,7 @@ def _models(name: str, kw: dict, shape: tuple[int, ...], seed: int = 1):
     shapes = jax.eval_shape(
         lambda: flax_model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
     )
-    variables = _random_variables(shapes, seed)
+    variables = random_variables(shapes, seed)
     torch_model = build_torch_model(name, 10, **kw)
     torch_model.load_state_dict(export_state_dict(name, variables), strict=True)
     return flax_model, variables, torch_model

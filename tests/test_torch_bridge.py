@@ -17,6 +17,7 @@ pytest.importorskip("pyautoattack")
 
 from score_jax import models  # noqa: E402
 from score_jax.errors import CheckpointError  # noqa: E402
+from score_jax.models.random_weights import random_variables  # noqa: E402
 from score_jax.torch_bridge import (  # noqa: E402
     INSTALL_HINT,
     build_torch_model,
@@ -26,26 +27,6 @@ from score_jax.torch_bridge import (  # noqa: E402
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_variables(shapes, seed: int):
-    """Random params (He-scaled kernels, scale/bias around 1/0) and non-trivial BN statistics."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "mean":
-            return rng.normal(0.0, 0.2, s.shape).astype(np.float32)
-        if name == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        if name == "scale":
-            return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-        if name == "bias":
-            return rng.normal(0.0, 0.1, s.shape).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1]))
-        return rng.normal(0.0, np.sqrt(1.0 / fan_in), s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +44,7 @@ def test_logits_match_flax(name, kw, shape):
     flax_model = models.get_model(name, 10, conv_impl="xla", **kw)
     x = np.random.default_rng(0).uniform(0.0, 1.0, (32, *shape)).astype(np.float32)
     shapes = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), x[:1], train=False))
-    variables = random_variables(shapes, seed=1)
+    variables = random_variables(shapes, seed=1, gain=1.0)
     expected = np.asarray(
         jax.jit(flax_model.apply, static_argnames="train")(variables, x, train=False)
     )
