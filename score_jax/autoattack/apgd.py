@@ -16,11 +16,12 @@ An example counts as broken when any iterate (the start included) is misclassifi
 point is the last misclassified iterate (else the start). Reference quirk kept: at the first
 check, condition (1) compares L(x_0) with the zero-initialised last row of the loss history.
 
-Differences forced by static shapes: restarts and target classes run on the whole batch (the
-reference re-gathers the still-robust examples); an example's result is the logical OR over runs,
-which is what the reference computes, and the runs stop early (`lax.while_loop`) once no example
-is left. Random starts come from one PRNG key per example (the reference draws one torch stream
-for the batch).
+Differences forced by static shapes: restarts (and target classes, unless the caller passes
+`target_index` and re-gathers between targets as `autoattack.suite` does) run on the whole batch
+(the reference re-gathers the still-robust examples); an example's result is the logical OR over
+runs, which is what the reference computes, and the runs stop early (`lax.while_loop`) once no
+example is left. Random starts come from one PRNG key per example (the reference draws one torch
+stream for the batch).
 """
 
 from collections.abc import Callable
@@ -221,12 +222,14 @@ def _runs(
     keys: Array,
     robust: Array,
     num_runs: int,
+    first: Array | int = 0,
 ) -> tuple[Array, Array]:
-    """Runs run(r, keys_r) for r < num_runs while some example is robust; ORs the breaks."""
+    """Runs run(r, keys_r) for first <= r < first + num_runs while some example is robust;
+    ORs the breaks."""
 
     def cond(c):
         r, _, rob = c
-        return (r < num_runs) & jnp.any(rob)
+        return (r < first + num_runs) & jnp.any(rob)
 
     def body(c):
         r, x_adv, rob = c
@@ -235,7 +238,7 @@ def _runs(
         broken = rob & ~rob_r
         return r + 1, jnp.where(_bcast(broken, x), x_r, x_adv), rob & rob_r
 
-    _, x_adv, robust = jax.lax.while_loop(cond, body, (jnp.int32(0), x, robust))
+    _, x_adv, robust = jax.lax.while_loop(cond, body, (jnp.asarray(first, jnp.int32), x, robust))
     return jax.lax.stop_gradient(x_adv), robust
 
 
@@ -288,9 +291,14 @@ def apgd_targeted(
     n_restarts: int = 1,
     rho: float = 0.75,
     mask: Array | None = None,
+    target_index: Array | int | None = None,
 ) -> tuple[Array, Array]:
     """APGD-T: for target = the 2nd, ..., (n_target_classes+1)-th largest clean logit, APGD on
-    `dlr_loss_targeted` (`n_restarts` runs each); (x_adv, robust) as `apgd_ce`."""
+    `dlr_loss_targeted` (`n_restarts` runs each); (x_adv, robust) as `apgd_ce`.
+
+    `target_index` j (may be traced) runs only the target ranked j + 2, with the random starts
+    of those runs in the full loop, so that a caller can re-gather the still-robust examples
+    between targets as the reference does (`autoattack.suite`)."""
     keys = _per_example_keys(key, x.shape[0])
     logits, robust = _initial_robust(logits_fn, x, labels, mask)
     num_classes = logits.shape[-1]
@@ -299,6 +307,7 @@ def apgd_targeted(
             f"apgd-t n_target_classes={n_target_classes} needs more than {num_classes} classes"
         )
     order = jnp.argsort(logits, axis=-1)
+    first = 0 if target_index is None else target_index * n_restarts
 
     def run(r, run_keys):
         target = jnp.take(order, num_classes - 2 - r // n_restarts, axis=1)
@@ -314,4 +323,5 @@ def apgd_targeted(
             rho=rho,
         )
 
-    return _runs(run, x, keys, robust, n_target_classes * n_restarts)
+    num_runs = n_restarts if target_index is not None else n_target_classes * n_restarts
+    return _runs(run, x, keys, robust, num_runs, first=first)

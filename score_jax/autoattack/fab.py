@@ -15,7 +15,8 @@ as broken when the best point is misclassified and within eps.
 
 `projection_linf` / `projection_l2` are the reference's projections onto {<w, z> = b} n [0, 1]^d
 (sort + a fixed-length bisection), per row and vmapped. Static shapes: the 9 targets run on the
-whole batch in a `lax.while_loop` that stops once no example is left; FAB-T is deterministic.
+whole batch in a `lax.while_loop` that stops once no example is left, unless the caller passes
+`target_index` and re-gathers between targets (`autoattack.suite`); FAB-T is deterministic.
 """
 
 import math
@@ -188,10 +189,12 @@ def fab_targeted(
     eta: float = 1.05,
     beta: float = 0.9,
     mask: Array | None = None,
+    target_index: Array | int | None = None,
 ) -> tuple[Array, Array]:
     """FAB-T over the targets ranked 2, ..., n_target_classes + 1 by the clean logits; returns
     (x_adv, robust): robust is False where a run found a misclassified point within eps (and for
-    clean-misclassified examples or mask 0)."""
+    clean-misclassified examples or mask 0). `target_index` j (may be traced) runs only the
+    target ranked j + 2 (a caller re-gathering between targets, `autoattack.suite`)."""
     if norm not in NORMS:
         raise ValueError(f"fab norm must be one of {NORMS}, got {norm!r}")
     logits = logits_fn(x)
@@ -205,9 +208,12 @@ def fab_targeted(
         robust &= mask.astype(bool)
     order = jnp.argsort(logits, axis=-1)
 
+    first = 0 if target_index is None else target_index
+    stop = first + (n_target_classes if target_index is None else 1)
+
     def cond(c):
         r, _, rob = c
-        return (r < n_target_classes) & jnp.any(rob)
+        return (r < stop) & jnp.any(rob)
 
     def body(c):
         r, x_adv, rob = c
@@ -227,5 +233,5 @@ def fab_targeted(
         broken = rob & fooled
         return r + 1, jnp.where(_bcast(broken, x), adv, x_adv), rob & ~fooled
 
-    _, x_adv, robust = jax.lax.while_loop(cond, body, (jnp.int32(0), x, robust))
+    _, x_adv, robust = jax.lax.while_loop(cond, body, (jnp.asarray(first, jnp.int32), x, robust))
     return jax.lax.stop_gradient(x_adv), robust

@@ -17,10 +17,10 @@ m(x') = z_y - max_{j != y} z_j (= -`losses.cw_margin`), one restart and AutoAtta
 The window side s = round(sqrt(p h w)) (Linf: >= 1; L2: >= 3 and odd; <= min(h, w)) with p
 from `window_fraction`, the reference's `p_selection`.
 
-Differences forced by JAX: s changes only at the schedule's breakpoints, so the queries run as
-one `lax.while_loop` per constant-s phase (static window shape), each stopping once no example
-is left; window positions, signs and the random transposition of `eta` are drawn per example
-from its own key, where the reference draws one window for the whole batch at each query.
+Differences forced by JAX: the queries run as one `lax.while_loop` that stops once no example is
+left (L2: one per constant-s phase, since its window is a static-shape slice); window positions,
+signs and the random transposition of `eta` are drawn per example from its own key, where the
+reference draws one window for the whole batch at each query.
 """
 
 import math
@@ -106,7 +106,7 @@ def _randint(key: Array, high: int) -> Array:
     return jnp.floor(jax.random.uniform(key) * high).astype(jnp.int32)
 
 
-def _window_mask(h: int, w: int, vh: Array, vw: Array, s: int) -> Array:
+def _window_mask(h: int, w: int, vh: Array, vw: Array, s: int | Array) -> Array:
     rows = jnp.arange(h)[:, None]
     cols = jnp.arange(w)[None, :]
     inside = (rows >= vh) & (rows < vh + s) & (cols >= vw) & (cols < vw + s)
@@ -140,7 +140,7 @@ def _l2_init(key: Array, x: Array, eps: float) -> Array:
     return jnp.clip(x + delta * eps, 0.0, 1.0)
 
 
-def _linf_propose(key: Array, x: Array, x_best: Array, eps: float, s: int) -> Array:
+def _linf_propose(key: Array, x: Array, x_best: Array, eps: float, s: int | Array) -> Array:
     h, w, c = x.shape
     k_h, k_w, k_s = jax.random.split(key, 3)
     vh, vw = _randint(k_h, h - s), _randint(k_w, w - s)
@@ -204,14 +204,24 @@ def square_attack(
     margin_min = jnp.where(clean, _margin(logits_fn, x_best, labels), -1.0)
     loss_min = margin_min
 
-    for start, stop, s in _phases(n_queries, p_init, rescale_schedule, h, w, norm):
+    if norm == "linf":  # the window enters only as a mask: one loop, s looked up per query
+        sides = [
+            window_size(window_fraction(i, n_queries, p_init, rescale_schedule), h, w, norm)
+            for i in range(n_queries)
+        ]
+        table = jnp.asarray(sides or [1], jnp.int32)
+        phases = [(0, n_queries, None)]
+    else:
+        phases = _phases(n_queries, p_init, rescale_schedule, h, w, norm)
+    for start, stop, side in phases:
 
         def cond(c, stop=stop):
             i, _, margin_min, _ = c
             return (i < stop) & jnp.any(margin_min > 0.0)
 
-        def body(c, s=s):
+        def body(c, side=side):
             i, x_best, margin_min, loss_min = c
+            s = table[i] if side is None else side
             active = margin_min > 0.0
             step_keys = fold(query_keys, i)
             x_new = jax.vmap(propose, in_axes=(0, 0, 0, None, None))(step_keys, x, x_best, eps, s)

@@ -1,13 +1,15 @@
 """AutoAttack's "standard" version: APGD-CE, APGD-T, FAB-T, Square in sequence, data-parallel.
 
-As pyautoattack's `AutoAttack.run_standard_evaluation`: every stage runs only on the examples
-still robust after the previous ones, and the robust accuracy is reported after each stage.
-Between stages a host step gathers the still-robust examples and pads them to a fixed bucket
-(`batch_size`, or batch_size / 2^j for the last chunk), so each stage compiles once per bucket
-size. Example i's randomness comes from fold_in(fold_in(key, stage), i) with i its index in
-the split, and the model runs in eval mode (no batch coupling): the result does not depend on the
-device count or the batching, up to floating-point differences of the batched convolutions.
-Unlike the reference, a stage with no example left is still listed (at the same accuracy).
+As pyautoattack's `AutoAttack.run_standard_evaluation`: every stage runs only on the examples still
+robust after the previous ones, and the robust accuracy is reported after each stage. Between
+stages, and between the target classes of APGD-T and FAB-T (as the reference's loop over targets),
+a host step gathers the still-robust examples and splits them into equal chunks of at most
+`batch_size`, padded to a multiple of batch_size / 8 (`chunk_size`): a stage compiles once per
+chunk size, and keeps its size across targets while that pads less than a quarter. Example i's
+randomness comes from fold_in(fold_in(key, stage), i) with i its index in the split, and the model
+runs in eval mode (no batch coupling): the result does not depend on the device count or the
+batching, up to floating-point differences of the batched convolutions. Unlike the reference, a
+stage with no example left is still listed (at the same accuracy).
 
     fns = make_stage_fns(model, eps=8/255, norm="linf", mesh=mesh)
     result = evaluate(model, variables, split, eps=8/255, norm="linf", batch_size=256,
@@ -22,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +37,8 @@ Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
 ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+TARGETED = ("apgd-t", "fab-t")  # run one target class per call, re-gathered in between
+DEFAULT_TARGETS = 9
 VERSIONS = {"standard": ATTACKS}
 NORMS = ("linf", "l2")
 
@@ -84,8 +89,10 @@ def resolve_attacks(version: str, attacks) -> tuple[str, ...]:
     return VERSIONS[version]
 
 
-def _stage_step(variables, batch, *, model, name, eps, norm, options):
+def _stage_step(variables, batch, target_index=None, *, model, name, eps, norm, options):
     x = batch["image"].astype(jnp.float32) / 255.0
+    if target_index is not None:
+        options = {**options, "target_index": target_index}
 
     def logits_fn(inputs):
         return model.apply(variables, inputs, train=False)
@@ -114,8 +121,9 @@ def make_stage_fns(
     options: dict[str, dict] | None = None,
 ) -> dict[str, Callable]:
     """{"clean": fn, attack: fn, ...}: jit(shard_map(...)) of each stage, mapping (variables,
-    batch with image/label/mask/key) to per-example robust flags. Reuse them across calls of
-    `evaluate` so that nothing recompiles."""
+    batch with image/label/mask/key) to per-example robust flags; the TARGETED stages take a
+    third argument, the index of the target class to run, and carry `n_targets`. Reuse them
+    across calls of `evaluate` so that nothing recompiles."""
     if norm not in NORMS:
         raise ConfigError(f"autoattack norm must be one of {NORMS}, got {norm!r}")
     if eps <= 0:
@@ -126,11 +134,10 @@ def make_stage_fns(
     if bad:
         raise ConfigError(f"autoattack options for attacks not run: {bad}")
 
-    def wrap(fn):
+    def wrap(fn, targeted=False):
+        in_specs = (P(), P(AXIS), P()) if targeted else (P(), P(AXIS))
         return jax.jit(
-            jax.shard_map(
-                fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
-            )
+            jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False)
         )
 
     fns = {"clean": wrap(functools.partial(_clean_step, model=model))}
@@ -143,16 +150,25 @@ def make_stage_fns(
             norm=norm,
             options=dict(options.get(name, {})),
         )
-        fns[name] = wrap(step)
+        fns[name] = wrap(step, targeted=name in TARGETED)
+        if name in TARGETED:
+            fns[name].n_targets = options.get(name, {}).get("n_target_classes", DEFAULT_TARGETS)
     return fns
 
 
-def _buckets(batch_size: int, devices: int) -> list[int]:
-    """batch_size, batch_size/2, ... while divisible by the device count."""
-    out = [batch_size]
-    while out[-1] % 2 == 0 and (out[-1] // 2) % devices == 0 and out[-1] // 2 >= devices:
-        out.append(out[-1] // 2)
-    return out
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def chunk_size(n: int, batch_size: int, devices: int, current: int | None = None) -> int:
+    """Rows per padded chunk for n examples: n split into ceil(n / batch_size) equal chunks,
+    rounded up to a multiple of g = devices * ceil(batch_size / (8 devices)). `current` (the
+    size this stage already compiled) is kept while the padding stays under a quarter."""
+    g = devices * _ceil_div(batch_size, 8 * devices)
+    size = min(_ceil_div(_ceil_div(n, _ceil_div(n, batch_size)), g) * g, batch_size)
+    if current is not None and current >= size and n >= 0.75 * _ceil_div(n, current) * current:
+        return current
+    return size
 
 
 def _example_keys(key: np.ndarray, stage: int, index: np.ndarray) -> np.ndarray:
@@ -161,12 +177,12 @@ def _example_keys(key: np.ndarray, stage: int, index: np.ndarray) -> np.ndarray:
     return np.asarray(jax.random.key_data(keys))
 
 
-def _run_on(fn, variables, split, index, batch_size, buckets, mesh, key, stage) -> np.ndarray:
-    """Robust flags of fn on split[index], in chunks of batch_size (the last padded to a bucket)."""
+def _run_on(fn, variables, split, index, size, mesh, key, stage, *args) -> np.ndarray:
+    """Robust flags of fn(variables, batch, *args) on split[index], in chunks of `size` rows
+    (the last one padded)."""
     out = np.zeros((len(index),), bool)
-    for start in range(0, len(index), batch_size):
-        idx = index[start : start + batch_size]
-        size = min(b for b in buckets if b >= len(idx))
+    for start in range(0, len(index), size):
+        idx = index[start : start + size]
         pad = size - len(idx)
         batch = {
             "image": np.concatenate(
@@ -178,9 +194,8 @@ def _run_on(fn, variables, split, index, batch_size, buckets, mesh, key, stage) 
             "mask": np.concatenate([np.ones((len(idx),)), np.zeros((pad,))]).astype(np.float32),
             "key": _example_keys(key, stage, np.concatenate([idx, np.zeros((pad,), idx.dtype)])),
         }
-        out[start : start + len(idx)] = _global_flags(fn(variables, _local(batch, mesh)))[
-            : len(idx)
-        ]
+        flags = fn(variables, _local(batch, mesh), *args)
+        out[start : start + len(idx)] = _global_flags(flags)[: len(idx)]
     return out
 
 
@@ -243,31 +258,42 @@ def evaluate(
     n = len(split) if num_examples == -1 else min(num_examples, len(split))
     if n == 0:
         raise ConfigError("autoattack: the split has no examples")
-    buckets = _buckets(batch_size, devices)
-    run = functools.partial(
-        _run_on,
-        variables=variables,
-        split=split,
-        batch_size=batch_size,
-        buckets=buckets,
-        mesh=mesh,
-        key=key,
-    )
+
+    sizes: dict[int, int] = {}  # stage -> its chunk size so far
+
+    def run(fn, stage, *args):
+        alive = index[robust]
+        if len(alive):
+            size = chunk_size(len(alive), batch_size, devices, sizes.get(stage))
+            sizes[stage] = size
+            robust[alive] = _run_on(fn, variables, split, alive, size, mesh, key, stage, *args)
+
     index = np.arange(n)
-    robust = run(stage_fns["clean"], index=index, stage=0)
+    robust = np.ones((n,), bool)
+    run(stage_fns["clean"], 0)
     clean = float(robust.mean())
     stages = []
     for s, name in enumerate(names, start=1):
         t0 = time.perf_counter()
-        alive = index[robust]
-        if len(alive):
-            robust[alive] = run(stage_fns[name], index=alive, stage=s)
+        if name in TARGETED:
+            for t in range(stage_fns[name].n_targets):
+                run(stage_fns[name], s, jnp.int32(t))
+        else:
+            run(stage_fns[name], s)
         stages.append(
             {
                 "attack": name,
                 "robust_accuracy": float(robust.sum()) / n,
                 "seconds": time.perf_counter() - t0,
             }
+        )
+        logging.info(
+            "AutoAttack %s: robust accuracy %.2f%% of %d (%.1f s, chunks of %s)",
+            name,
+            100 * stages[-1]["robust_accuracy"],
+            n,
+            stages[-1]["seconds"],
+            sizes.get(s, "-"),
         )
     return {
         "clean_accuracy": clean,
