@@ -18,13 +18,10 @@ pytest.importorskip("pyautoattack")
 from score_jax import models  # noqa: E402
 from score_jax.errors import CheckpointError  # noqa: E402
 from score_jax.models.random_weights import random_variables  # noqa: E402
-from score_jax.torch_bridge import (  # noqa: E402
-    INSTALL_HINT,
-    build_torch_model,
-    export_state_dict,
-    import_state_dict,
-    load_exported,
-)
+from score_jax.torch_bridge import INSTALL_HINT  # noqa: E402
+from score_jax.torch_bridge.convert import export_state_dict, import_state_dict  # noqa: E402
+from score_jax.torch_bridge.export import load_exported  # noqa: E402
+from score_jax.torch_bridge.models import build_torch_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
