@@ -43,22 +43,25 @@ def torch_key(renames: tuple[tuple[str, str], ...], collection: str, path: tuple
     return ".".join([*renamed, _LEAF_NAMES[(collection, leaf)]])
 
 
+# Kernel axis permutations by rank: conv HWIO <-> OIHW, dense (in, out) <-> (out, in).
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
+def _permute(leaf: str, value: np.ndarray, axes: dict[int, tuple[int, ...]]) -> np.ndarray:
+    if leaf != "kernel" or value.ndim not in axes:
+        return value
+    return value.transpose(axes[value.ndim])
+
+
 def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
     """A Flax leaf named `leaf` in PyTorch's layout: HWIO -> OIHW, (in, out) -> (out, in)."""
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(3, 2, 0, 1)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    return value
+    return _permute(leaf, value, _TO_TORCH)
 
 
 def to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
     """Inverse of `to_torch_layout`: OIHW -> HWIO, (out, in) -> (in, out)."""
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    return value
+    return _permute(leaf, value, _TO_FLAX)
 
 
 def _flat(variables: dict) -> dict[tuple[str, ...], Any]:
