@@ -3,7 +3,7 @@
 Both run in this process, one after the other, on the same examples: the JAX suite
 (`autoattack.evaluate`, data-parallel over the devices; timed once with compilation and once
 compiled) and pyautoattack's `AutoAttack(version="standard")` on the PyTorch export
-(`torch_bridge.export_state_dict`), on `torch.get_num_threads()` threads. Rows:
+(`torch_bridge.convert.export_state_dict`), on `torch.get_num_threads()` threads. Rows:
 
   python -m benchmarks.autoattack --model small-cnn --json /tmp/aa_digits.json
   python -m benchmarks.autoattack --model wrn-16-4 --num-examples 16 --batch 16 \
@@ -32,7 +32,8 @@ from benchmarks import train_step as ts
 from score_jax import autoattack, data, models, train
 from score_jax.data import digits
 from score_jax.models.random_weights import random_variables
-from score_jax.torch_bridge import build_torch_model, export_state_dict
+from score_jax.torch_bridge.convert import export_state_dict
+from score_jax.torch_bridge.models import build_torch_model
 
 NORMS = {"linf": "Linf", "l2": "L2"}
 

@@ -59,7 +59,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.timing import loadavg, peak_rss_mb, time_calls
-from score_jax import config_lib, data, optim, train, trainer
+from score_jax import config_lib, data, models, optim, train, trainer
 from score_jax.models import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,13 +229,8 @@ class Bench:
 
 def torch_model_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
     """build_torch_model's keyword arguments for the configured model (as trainer.build_model)."""
-    kw: dict[str, Any] = {"mean": list(dataset.mean), "std": list(dataset.std)}
-    if config.model.activation:
-        kw["activation"] = config.model.activation
-    for k, v in config.model.items():
-        if k not in ("name", "activation", "conv_impl", "dtype"):
-            kw[k] = list(v) if isinstance(v, tuple) else v
-    return kw
+    model = models.from_config(config.model, dataset.num_classes, dataset.mean, dataset.std)
+    return models.architecture_kwargs(config.model.name, model)
 
 
 def run_torch(spec: dict, state: train.TrainState | None, batch: dict, workdir: str) -> dict:
@@ -247,7 +242,7 @@ def run_torch(spec: dict, state: train.TrainState | None, batch: dict, workdir: 
     if state is not None:
         import torch
 
-        from score_jax.torch_bridge import export_state_dict
+        from score_jax.torch_bridge.convert import export_state_dict
 
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         spec["state_dict"] = os.path.join(workdir, "state_dict.pt")
@@ -593,7 +588,7 @@ def run_paired(args: argparse.Namespace) -> dict:
     import torch
 
     from benchmarks import torch_reference
-    from score_jax.torch_bridge import export_state_dict
+    from score_jax.torch_bridge.convert import export_state_dict
     from score_jax.torch_bridge.models import build_torch_model
 
     variants = [v for v in args.paired.split(",") if v]

@@ -8,9 +8,9 @@ Rows (loss type, divergence, clipping, initial learning rate):
 Each row is trained for every seed with `trainer.train_and_evaluate` (best checkpoint by the
 validation PGD-10 (CE) accuracy of the EMA parameters, as configs/digits.py does; the paper selects
 SE models by PGD-10 with the SE objective), then evaluated on the first N test examples with
-`torch_bridge.run_autoattack` on the exported EMA parameters: clean accuracy, the project's JAX
-PGD-20 (CE) and AutoAttack version "custom" with APGD-CE (5 restarts x 100 steps) and APGD-T
-(9 target classes x 100 steps). The table gives mean +- sample std over seeds (%).
+`torch_bridge.autoattack_eval.run_autoattack` on the exported EMA parameters: clean accuracy,
+the project's JAX PGD-20 (CE) and AutoAttack version "custom" with APGD-CE (5 restarts x 100
+steps) and APGD-T (9 target classes x 100 steps). The table gives mean +- sample std over seeds (%).
 
     python experiments/loss_table.py --out /tmp/loss_table              # 12 rows x 3 seeds
     python experiments/loss_table.py --out /tmp/loss_table_quick --quick # 2 rows, 1 seed, tiny
@@ -169,7 +169,7 @@ def run_one(
     """
     import torch
 
-    from score_jax import torch_bridge
+    from score_jax.torch_bridge import autoattack_eval
 
     path = os.path.join(workdir, ROW_FILE)
     settings = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -198,7 +198,7 @@ def run_one(
     try:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        aa = torch_bridge.run_autoattack(config, workdir, params="ema")
+        aa = autoattack_eval.run_autoattack(config, workdir, params="ema")
     finally:
         torch.set_num_threads(threads)
     record = {

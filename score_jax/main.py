@@ -63,10 +63,10 @@ def main(argv: list[str]) -> None:
             from score_jax import torch_bridge
 
             torch_bridge.require_torch(autoattack=FLAGS.mode == "autoattack")
+            from score_jax.torch_bridge import autoattack_eval, export
+
             run = functools.partial(
-                torch_bridge.export_workdir
-                if FLAGS.mode == "export"
-                else torch_bridge.run_autoattack,
+                export.export_workdir if FLAGS.mode == "export" else autoattack_eval.run_autoattack,
                 params=FLAGS.export_params,
             )
         else:

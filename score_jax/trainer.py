@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -27,18 +26,7 @@ PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw one
 
 def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset):
     """The configured model with the dataset's classes and normalisation."""
-    kw: dict[str, Any] = dict(
-        mean=dataset.mean,
-        std=dataset.std,
-        conv_impl=config.model.conv_impl,
-        dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32,
-    )
-    if config.model.activation:
-        kw["activation"] = config.model.activation
-    for k, v in config.model.items():
-        if k not in ("name", "activation", "conv_impl", "dtype"):
-            kw[k] = v
-    return models.get_model(config.model.name, dataset.num_classes, **kw)
+    return models.from_config(config.model, dataset.num_classes, dataset.mean, dataset.std)
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

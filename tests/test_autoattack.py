@@ -25,7 +25,8 @@ from pyautoattack.square import SquareAttack  # noqa: E402
 from score_jax import attacks, autoattack, data, models, train  # noqa: E402
 from score_jax.data import digits  # noqa: E402
 from score_jax.models.random_weights import random_variables  # noqa: E402
-from score_jax.torch_bridge import build_torch_model, export_state_dict  # noqa: E402
+from score_jax.torch_bridge.convert import export_state_dict  # noqa: E402
+from score_jax.torch_bridge.models import build_torch_model  # noqa: E402
 
 DIGITS_KW = dict(width=16, hidden=64)
 EPS = 0.1  # configs/digits.py's Linf eps

@@ -144,7 +144,8 @@ def test_ddpm_epoch_counts_the_full_50000_images():
 def _models(name: str, kw: dict, shape: tuple[int, ...], seed: int = 1):
     """A Flax model with random variables and the same weights in the exported torch model."""
     from score_jax import models
-    from score_jax.torch_bridge import build_torch_model, export_state_dict
+    from score_jax.torch_bridge.convert import export_state_dict
+    from score_jax.torch_bridge.models import build_torch_model
 
     flax_model = models.get_model(name, 10, conv_impl="xla", **kw)
     shapes = jax.eval_shape(
@@ -317,7 +318,7 @@ def test_basic_pgd_at_running_stats_equal_reference_after_one_step():
     import copy
 
     from score_jax import attacks, train
-    from score_jax.torch_bridge import export_state_dict
+    from score_jax.torch_bridge.convert import export_state_dict
 
     config = config_lib.load_config_file(f"{CONFIGS}/cifar10_basic.py", "pgd_at-se")
     assert config.attack.batchnorm == "batch_update"

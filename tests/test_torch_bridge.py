@@ -18,13 +18,10 @@ pytest.importorskip("pyautoattack")
 from score_jax import models  # noqa: E402
 from score_jax.errors import CheckpointError  # noqa: E402
 from score_jax.models.random_weights import random_variables  # noqa: E402
-from score_jax.torch_bridge import (  # noqa: E402
-    INSTALL_HINT,
-    build_torch_model,
-    export_state_dict,
-    import_state_dict,
-    load_exported,
-)
+from score_jax.torch_bridge import INSTALL_HINT  # noqa: E402
+from score_jax.torch_bridge.convert import export_state_dict, import_state_dict  # noqa: E402
+from score_jax.torch_bridge.export import load_exported  # noqa: E402
+from score_jax.torch_bridge.models import build_torch_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +60,40 @@ def test_logits_match_flax(name, kw, shape):
     assert {m.momentum for m in bn} == ({0.01} if name.startswith("wrn") else {0.1})
     assert {m.eps for m in bn} == {1e-5}
     # and back: the exact Flax variables
+    back = import_state_dict(name, model.state_dict(), shapes)
+    jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+# Tiny values of the architecture fields, for a quick parity check of every registered model.
+_TINY = {"depth": 10, "width": 1, "num_blocks": (1, 1, 1, 1), "base_width": 4, "hidden": 8}
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_every_registered_architecture_converts_through_its_record(name):
+    """The registry is the one place an architecture is described: from its record alone, the
+    full-size Flax model and PyTorch twin have the same state-dict keys and shapes, and a tiny
+    one gives the Flax logits in PyTorch and its exact variables back."""
+    with torch.device("meta"):
+        twin = build_torch_model(name, 10)
+    full = models.get_model(name, 10)
+    full_shapes = jax.eval_shape(
+        lambda: full.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
+    )
+    exported = {k: tuple(v.shape) for k, v in export_state_dict(name, full_shapes).items()}
+    assert exported == {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+
+    arch = models.architecture(name)
+    flax_model = models.get_model(name, 10, conv_impl="xla", **{f: _TINY[f] for f in arch.fields})
+    x = np.random.default_rng(0).uniform(0.0, 1.0, (4, 8, 8, 3)).astype(np.float32)
+    shapes = jax.eval_shape(lambda: flax_model.init(jax.random.key(0), x[:1], train=False))
+    variables = random_variables(shapes, seed=2, gain=1.0)
+    expected = np.asarray(flax_model.apply(variables, x, train=False))
+    model = build_torch_model(name, 10, **models.architecture_kwargs(name, flax_model))
+    model.load_state_dict(export_state_dict(name, variables), strict=True)
+    with torch.no_grad():
+        got = model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(expected).max() > 0.1  # not a degenerate comparison
     back = import_state_dict(name, model.state_dict(), shapes)
     jax.tree.map(np.testing.assert_array_equal, back, variables)
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F  # noqa: E402
 from score_jax import models  # noqa: E402
 from score_jax.errors import CheckpointError  # noqa: E402
 from score_jax.models.layers import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from score_jax.torch_bridge import build_torch_model  # noqa: E402
+from score_jax.torch_bridge.models import build_torch_model  # noqa: E402
 from score_jax.torch_bridge.released import load_variables  # noqa: E402
 
 

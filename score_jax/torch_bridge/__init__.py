@@ -1,37 +1,22 @@
 """PyTorch bridge: export trained models to PyTorch state dicts and evaluate them with AutoAttack.
 
-PyTorch and pyautoattack are optional: this package imports them only when one of its functions
-is first used (`from score_jax.torch_bridge import build_torch_model`), and raises
-`MissingTorchError` (a ScoreError and an ImportError) with the install command if absent.
+PyTorch and pyautoattack are optional: importing this package does not import them; its
+submodules do. Call `require_torch()` before importing one: it raises `MissingTorchError` (a
+ScoreError and an ImportError) with the install command if they are absent.
 
-Public API:
-  build_torch_model(model_name, num_classes, **kw) -> torch.nn.Module
-  export_state_dict(model_name, variables) -> dict[str, torch.Tensor]
-  import_state_dict(model_name, state_dict, template) -> Flax variables
-  export_workdir(config, workdir, params="auto") -> metadata   (--mode export)
-  load_exported(export_dir) -> torch.nn.Module (eval mode)
-  run_autoattack(config, workdir, params="auto") -> results    (--mode autoattack)
+Submodules:
+  models           PyTorch twins; build_torch_model(model_name, num_classes, **kw)
+  convert          export_state_dict(model_name, variables), import_state_dict(name, sd, template)
+  export           export_workdir(config, workdir, params)  (--mode export), load_exported(dir)
+  released         load_variables(path, model_name, template, mean, std)  (config.init_from)
+  autoattack_eval  run_autoattack(config, workdir, params)  (--mode autoattack)
 """
 
 import importlib
-from typing import Any
 
 from score_jax.errors import ScoreError
 
 INSTALL_HINT = "pip install torch==2.13.0 pyautoattack"
-
-_EXPORTS = {
-    "build_torch_model": "models",
-    "DMWideResNet": "models",
-    "PreActResNet": "models",
-    "ResNet": "models",
-    "SmallCNN": "models",
-    "export_state_dict": "export",
-    "import_state_dict": "export",
-    "export_workdir": "export",
-    "load_exported": "export",
-    "run_autoattack": "autoattack_eval",
-}
 
 
 class MissingTorchError(ImportError, ScoreError):
@@ -53,12 +38,4 @@ def require_torch(autoattack: bool = False) -> None:
         )
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    require_torch(autoattack=_EXPORTS[name] == "autoattack_eval")
-    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-    return getattr(module, name)
-
-
-__all__ = ["INSTALL_HINT", "MissingTorchError", "require_torch", *_EXPORTS]
+__all__ = ["INSTALL_HINT", "MissingTorchError", "require_torch"]

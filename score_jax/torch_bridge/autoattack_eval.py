@@ -20,7 +20,7 @@ import torch
 
 from score_jax import checkpoint, config_lib, data, trainer, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
-from score_jax.torch_bridge import export
+from score_jax.torch_bridge import convert, export
 
 RESULTS_FILE = "autoattack.json"
 VERSIONS = config_lib.AUTOATTACK_VERSIONS
@@ -101,7 +101,7 @@ def jax_pgd20(
     template = jax.eval_shape(
         lambda: setup.model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
     )
-    variables = export.import_state_dict(model_name, state, template)
+    variables = convert.import_state_dict(model_name, state, template)
     return setup.evaluate({"pgd": pgd20_spec(setup.config)}, variables, split)
 
 

@@ -1,24 +1,22 @@
-"""Flax variables <-> PyTorch state dicts, and `--mode export` (<workdir>/export/model.{pt,json}).
-
-Conv kernels HWIO <-> OIHW, Dense (in, out) <-> Linear (out, in); BatchNorm scale/bias <->
-weight/bias, batch_stats mean/var <-> running_mean/running_var (+ num_batches_tracked = 0).
+"""`--mode export`: a workdir's checkpoint as <workdir>/export/model.pt (a PyTorch state dict,
+via `convert`) and model.json (architecture, kwargs, normalisation, sha256), and `load_exported`,
+which reads them back as the PyTorch twin. The conversion itself is `convert`.
 """
 
 import json
 import os
-import re
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import torch
-from flax import traverse_util
 from torch import nn
 
-from score_jax import checkpoint, trainer, workdir_io
+from score_jax import checkpoint, models, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
-from score_jax.torch_bridge.models import ARCH_FIELDS, build_torch_model, family
+from score_jax.torch_bridge.convert import export_state_dict
+from score_jax.torch_bridge.models import build_torch_model
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.pt"
@@ -33,136 +31,28 @@ def resolve_params(config: ml_collections.ConfigDict, params: str) -> str:
     return config.best_by if params == "auto" else params
 
 
-# Flax module-name renames per family, applied to each path component.
-_RENAMES: dict[str, list[tuple[str, str]]] = {
-    "wrn": [(r"^layer_(\d+)$", r"layer.\1"), (r"^block_(\d+)$", r"block.\1")],
-    "preact-resnet-18": [(r"^layer(\d+)_(\d+)$", r"layer\1.\2"), (r"^shortcut$", "shortcut.0")],
-    "resnet-18": [
-        (r"^layer(\d+)_(\d+)$", r"layer\1.\2"),
-        (r"^shortcut_conv$", "shortcut.0"),
-        (r"^bn_shortcut$", "shortcut.1"),
-    ],
-    "small-cnn": [],
-}
-_LEAF_NAMES = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-
-
-def _is_batchnorm(module: str) -> bool:
-    return module.startswith(("batchnorm", "bn"))
-
-
-def _torch_key(fam: str, collection: str, path: tuple[str, ...]) -> str:
-    """The state-dict key of the Flax leaf `collection`/`path`."""
-    *modules, leaf = path
-    renamed = []
-    for m in modules:
-        for pattern, repl in _RENAMES[fam]:
-            m = re.sub(pattern, repl, m)
-        renamed.append(m)
-    if (collection, leaf) not in _LEAF_NAMES:
-        raise ValueError(f"unexpected Flax leaf {collection}/{'/'.join(path)}")
-    return ".".join([*renamed, _LEAF_NAMES[(collection, leaf)]])
-
-
-def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 4:  # HWIO -> OIHW
-        return value.transpose(3, 2, 0, 1)
-    if leaf == "kernel" and value.ndim == 2:  # (in, out) -> (out, in)
-        return value.T
-    return value
-
-
-def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 4:  # OIHW -> HWIO
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    return value
-
-
-def _flat(variables: dict) -> dict[tuple[str, ...], Any]:
-    """{(collection, *path): leaf} over params and batch_stats."""
-    out = {}
-    for collection in ("params", "batch_stats"):
-        tree = variables.get(collection, {})
-        for path, value in traverse_util.flatten_dict(dict(tree)).items():
-            out[(collection, *path)] = value
-    return out
-
-
-def export_state_dict(model_name: str, variables: dict) -> dict[str, torch.Tensor]:
-    """The PyTorch state dict (float32, torch layouts) of Flax `variables` of model `model_name`.
-
-    Loads with `load_state_dict(strict=True)` into `build_torch_model(model_name, ...)` (and, for
-    the WRNs, into RobustBench's DMWideResNet). Leaves may be arrays or ShapeDtypeStructs; the
-    latter give empty tensors of the right shape (for key/shape checks without memory).
-    """
-    fam = family(model_name)
-    state: dict[str, torch.Tensor] = {}
-    bn_modules: list[str] = []
-    for (collection, *path), value in _flat(variables).items():
-        key = _torch_key(fam, collection, tuple(path))
-        if isinstance(value, jax.ShapeDtypeStruct):
-            shape = _to_torch_layout(path[-1], np.empty(value.shape, np.bool_)).shape
-            state[key] = torch.empty(shape, dtype=torch.float32, device="meta")
-        else:
-            array = np.asarray(jax.device_get(value), dtype=np.float32)
-            array = np.ascontiguousarray(_to_torch_layout(path[-1], array))
-            state[key] = torch.from_numpy(array.copy())
-        if collection == "batch_stats" and path[-1] == "mean":
-            bn_modules.append(key.rsplit(".", 1)[0])
-        elif collection == "params" and path[-1] == "scale" and not _is_batchnorm(path[-2]):
-            raise ValueError(f"unexpected scale outside a BatchNorm: {'/'.join(path)}")
-    for module in bn_modules:
-        state[f"{module}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-    return dict(sorted(state.items()))
-
-
-def import_state_dict(model_name: str, state: dict[str, torch.Tensor], template: dict) -> dict:
-    """Inverse of `export_state_dict`: Flax {"params", "batch_stats"} shaped like `template`."""
-    fam = family(model_name)
-    out: dict[str, dict] = {"params": {}, "batch_stats": {}}
-    used = set()
-    for (collection, *path), ref in _flat(template).items():
-        key = _torch_key(fam, collection, tuple(path))
-        if key not in state:
-            raise CheckpointError(f"state dict lacks {key!r}")
-        value = _to_flax_layout(path[-1], state[key].detach().cpu().numpy())
-        if value.shape != tuple(ref.shape):
-            raise CheckpointError(f"{key}: shape {value.shape}, expected {tuple(ref.shape)}")
-        out[collection][tuple(path)] = np.asarray(value, dtype=ref.dtype)
-        used.add(key)
-    extra = [k for k in state if k not in used and not k.endswith("num_batches_tracked")]
-    if extra:
-        raise CheckpointError(f"state dict has unexpected keys {extra[:5]}")
-    return {c: traverse_util.unflatten_dict(t) for c, t in out.items()}
-
-
-# --- Export of a workdir ---------------------------------------------------------------------
-
-
 def export_dir(workdir: str) -> str:
     """<workdir>/export (local or gs://)."""
     return os.fspath(workdir_io.join(workdir, EXPORT_DIR))
 
 
-def model_kwargs(model_name: str, flax_model: Any) -> dict[str, Any]:
-    """mean, std, activation and the architecture fields of a built Flax model (JSON-able)."""
-    kw: dict[str, Any] = {
-        "mean": [float(v) for v in flax_model.mean],
-        "std": [float(v) for v in flax_model.std],
-        "activation": flax_model.activation,
-    }
-    for field in ARCH_FIELDS[family(model_name)]:
-        value = getattr(flax_model, field)
-        kw[field] = list(value) if isinstance(value, tuple | list) else value
-    return kw
+def _final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, bool, Any]:
+    """(state, from_best, dataset) of the workdir's final checkpoint (`restore_final`).
+
+    The restore target is the training setup's initial state, whose optimizer state gives the
+    checkpoint's tree: the bridge's one use of the trainer, imported here only.
+    """
+    from score_jax import trainer
+
+    setup = trainer.Setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    try:
+        state, _, use_best = ckpt.restore_final(
+            setup.initial_state(), fallback=config.resume_fallback
+        )
+    finally:
+        ckpt.close()
+    return state, use_best, setup.dataset
 
 
 def export_workdir(
@@ -178,23 +68,15 @@ def export_workdir(
     params = resolve_params(config, params)
     if not checkpoint.exists(workdir):
         raise CheckpointError(f"workdir {workdir!r} holds no checkpoint to export")
-    setup = trainer.Setup(config, workdir)
-    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    try:
-        state, _, use_best = ckpt.restore_final(
-            setup.initial_state(), fallback=config.resume_fallback
-        )
-    finally:
-        ckpt.close()
+    state, use_best, dataset = _final_state(config, workdir)
     chosen = state.ema_params if params == "ema" else state.params
     variables = jax.device_get({"params": chosen, "batch_stats": state.batch_stats})
     name = config.model.name
     state_dict = export_state_dict(name, variables)
-    kwargs = model_kwargs(name, setup.model)
+    model = models.from_config(config.model, dataset.num_classes, dataset.mean, dataset.std)
+    kwargs = models.architecture_kwargs(name, model)
     # Fails here, not at load time, if the PyTorch twin does not take these weights.
-    build_torch_model(name, setup.dataset.num_classes, **kwargs).load_state_dict(
-        state_dict, strict=True
-    )
+    build_torch_model(name, dataset.num_classes, **kwargs).load_state_dict(state_dict, strict=True)
     out_dir = export_dir(workdir)
     if jax.process_index() != 0:  # every process restored (a collective); process 0 writes
         return {"architecture": name, "written_by_process": 0}
@@ -205,11 +87,11 @@ def export_workdir(
     meta = {
         "architecture": name,
         "kwargs": kwargs,
-        "num_classes": setup.dataset.num_classes,
+        "num_classes": dataset.num_classes,
         "mean": kwargs["mean"],
         "std": kwargs["std"],
         "dataset": config.dataset.name,
-        "image_shape": list(setup.dataset.image_shape),
+        "image_shape": list(dataset.image_shape),
         "input": "NCHW float32 in [0, 1]; the model normalises itself",
         "epsilon": float(config.attack.eps),
         "norm": config.attack.norm,

@@ -1,4 +1,5 @@
-"""PyTorch twins of the Flax model zoo, for exported weights (AutoAttack, RobustBench).
+"""PyTorch twins of the Flax model zoo, for exported weights (AutoAttack, RobustBench), and
+`build_torch_model`, which builds the twin a `score_jax.models.Architecture` record names.
 
 Every model takes images in [0, 1], NCHW, normalises them with per-channel `mean`/`std`
 (non-persistent buffers: moved by `.to()`, absent from the state dict, as in RobustBench's
@@ -13,6 +14,7 @@ State-dict names:
   SmallCNN (small-cnn): conv_{k}, batchnorm_{k} (k = 0, 1, 2), dense, logits.
 """
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,19 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from score_jax import models
 from score_jax.errors import ConfigError
 from score_jax.models.layers import CIFAR10_MEAN, CIFAR10_STD
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU}
-WRN_DEPTH_WIDTH: dict[str, tuple[int, int]] = {
-    "wrn-28-10": (28, 10),
-    "wrn-70-16": (70, 16),
-    "wrn-34-10": (34, 10),
-    "wrn-16-4": (16, 4),
-    "wrn-16-2": (16, 2),
-}
-# Fields of the Flax models that do not change the computation in float32 PyTorch.
-JAX_ONLY_FIELDS = ("conv_impl", "dtype", "bn_axis_name", "init_scheme")
 
 
 def _activation(name: str) -> type[nn.Module]:
@@ -324,49 +318,26 @@ class SmallCNN(_Normalized):
 
 # --- Factory -------------------------------------------------------------------------------
 
-# Per family: the constructor and the architecture fields it takes besides mean/std/activation.
-ARCH_FIELDS: dict[str, tuple[str, ...]] = {
-    "wrn": ("depth", "width"),
-    "preact-resnet-18": ("num_blocks", "base_width"),
-    "resnet-18": ("num_blocks", "base_width"),
-    "small-cnn": ("width", "hidden"),
-}
-
-
-def family(model_name: str) -> str:
-    """The family: "wrn" for every wrn-D-W name, else the name (a score_jax.models name)."""
-    from score_jax.models import MODEL_NAMES
-
-    if model_name not in MODEL_NAMES:
-        raise ConfigError(f"Unknown model {model_name!r}; valid names: {', '.join(MODEL_NAMES)}.")
-    return "wrn" if model_name.startswith("wrn-") else model_name
-
 
 def build_torch_model(model_name: str, num_classes: int, **kw: Any) -> nn.Module:
-    """The PyTorch model `model_name` (a score_jax.models name) with `num_classes` outputs.
+    """The PyTorch twin of `model_name` (a score_jax.models name) with `num_classes` outputs:
+    the class its `models.Architecture` record names, with the fields the record's Flax
+    constructor fixes (wrn-16-4: depth 16, width 4).
 
     kw: mean, std, activation ("" or None = the model's default) and the architecture fields
-    (wrn: depth, width; resnets: num_blocks, base_width; small-cnn: width, hidden). The Flax-only
-    fields conv_impl, dtype, bn_axis_name and init_scheme are accepted and ignored.
+    (`models.architecture(model_name).fields`: wrn: depth, width; resnets: num_blocks,
+    base_width; small-cnn: width, hidden). The Flax-only fields conv_impl, dtype, bn_axis_name
+    and init_scheme are accepted and ignored.
     """
-    fam = family(model_name)
-    kw = {k: v for k, v in kw.items() if k not in JAX_ONLY_FIELDS}
+    arch = models.architecture(model_name)
+    kw = {k: v for k, v in kw.items() if k not in models.JAX_ONLY_FIELDS}
     if not kw.get("activation"):
         kw.pop("activation", None)
-    unknown = set(kw) - {"mean", "std", "activation", *ARCH_FIELDS[fam]}
+    unknown = set(kw) - {"mean", "std", "activation", *arch.fields}
     if unknown:
         raise ConfigError(f"{model_name}: unknown model fields {sorted(unknown)}")
     for k in ("mean", "std"):
         if k in kw:
             kw[k] = tuple(float(v) for v in kw[k])
-    if fam == "wrn":
-        depth, width = WRN_DEPTH_WIDTH[model_name]
-        kw = {"depth": depth, "width": width, **kw}
-        model: nn.Module = DMWideResNet(num_classes, **kw)
-    elif fam == "preact-resnet-18":
-        model = PreActResNet(num_classes, **kw)
-    elif fam == "resnet-18":
-        model = ResNet(num_classes, **kw)
-    else:
-        model = SmallCNN(num_classes, **kw)
-    return model
+    module, _, cls = arch.torch.rpartition(".")
+    return getattr(importlib.import_module(module), cls)(num_classes, **{**arch.defaults, **kw})

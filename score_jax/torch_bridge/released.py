@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from score_jax.errors import CheckpointError
-from score_jax.torch_bridge.export import import_state_dict
+from score_jax.torch_bridge.convert import import_state_dict
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 PREFIXES = ("module.", "_orig_mod.")
