@@ -171,9 +171,9 @@ def test_autoattack_end_to_end_and_bad_exports(tmp_path):
     out = _cli(
         *args,
         "--mode", "autoattack",
-        f"--config.autoattack.num_examples={num}",
-        "--config.autoattack.version=custom",
-        "--config.autoattack.attacks=('apgd-ce', 'apgd-t')",
+        f"--config.test.autoattack.num_examples={num}",
+        "--config.test.autoattack.version=custom",
+        "--config.test.autoattack.attacks=('apgd-ce', 'apgd-t')",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     print(out.stdout)
@@ -253,11 +253,12 @@ def test_custom_attacks_validation():
     from score_jax import config_lib
     from score_jax.torch_bridge.autoattack_eval import custom_attacks
 
-    aa = config_lib.base_config().autoattack
-    assert (aa.num_examples, aa.batch_size, aa.version) == (-1, 256, "standard")
+    config = config_lib.base_config()
+    aa = config.test.autoattack
+    assert (aa.num_examples, config.eval_batch_size, aa.version) == (-1, 256, "standard")
     assert custom_attacks(aa) == []
     aa.version = "custom"
-    with pytest.raises(ValueError, match="config.autoattack.attacks must list"):
+    with pytest.raises(ValueError, match="config.test.autoattack.attacks must list"):
         custom_attacks(aa)
     aa.attacks = ("apgd-ce,apgd-t",)
     assert custom_attacks(aa) == ["apgd-ce", "apgd-t"]

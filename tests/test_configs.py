@@ -1,0 +1,181 @@
+"""The shipped configs: unchanged by the refactor that made them state only their differences,
+one variant syntax, renamed fields refused with their new name, eps / norm following config.attack.
+
+tests/data/config_snapshots.json holds every config:variant (and experiments/loss_table.py's row
+configs) as `config.to_json_best_effort()` loaded them on main before that refactor (commit
+b22647c), with its declared renames applied: loss.type -> loss.method, loss.kind ->
+loss.divergence, the cifar10_basic variants respelled (`trades-se-clip-l2` -> `trades-se,clip,l2`),
+the config.autoattack section (--mode autoattack) merged into config.test.autoattack (for the
+shipped configs its values were the defaults; loss_table's version / attacks / num_examples now
+sit in config.test.autoattack). The test proves every other field kept its value.
+
+Changed a config on purpose? Regenerate the snapshot from the current tree and review its diff:
+    PYTHONPATH=. python tests/test_configs.py --write
+"""
+
+import itertools
+import json
+import os
+import sys
+
+import ml_collections
+import pytest
+
+from score_jax import config_checks, config_lib, evaluate, losses
+from score_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNAPSHOTS = os.path.join(REPO, "tests", "data", "config_snapshots.json")
+DDPM_OPTIONS = ("beta3", "l2", "wrn-70-16")
+
+
+def _load(name: str, variant: str | None):
+    return config_lib.load_config_file(os.path.join(REPO, "configs", name + ".py"), variant)
+
+
+def shipped_configs() -> dict[str, ml_collections.ConfigDict]:
+    """name:variant -> config, for every config file and variant (and loss_table's rows)."""
+    sys.path.insert(0, REPO)
+    from experiments import loss_table
+
+    out = {"digits": _load("digits", None)}
+    for method, divergence in itertools.product(("trades", "pgd_at"), losses.DIVERGENCES):
+        for opts in ((), ("clip",), ("l2",), ("clip", "l2")):
+            variant = ",".join((f"{method}-{divergence}", *opts))
+            out[f"cifar10_basic:{variant}"] = _load("cifar10_basic", variant)
+    for name in ("cifar10_ddpm", "cifar100_ddpm", "cifar10_ddpm_wrn70"):
+        for r in range(len(DDPM_OPTIONS) + 1):
+            for opts in itertools.combinations(DDPM_OPTIONS, r):
+                if name != "cifar10_ddpm_wrn70" or "wrn-70-16" not in opts:
+                    out[f"{name}:{','.join(opts)}"] = _load(name, ",".join(opts))
+    for row, budget in itertools.product(loss_table.ROWS, ("QUICK", "FULL")):
+        config = loss_table.make_config(loss_table.ROWS[row], 1, getattr(loss_table, budget))
+        out[f"loss_table:{row}:{budget}"] = config
+    return out
+
+
+def _as_json(config) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def test_configs_equal_their_snapshot_field_by_field():
+    with open(SNAPSHOTS) as f:
+        snapshots = json.load(f)
+    configs = shipped_configs()
+    assert sorted(configs) == sorted(snapshots)
+    for name, config in configs.items():
+        got = config_checks.leaves(ml_collections.ConfigDict(_as_json(config)))
+        want = config_checks.leaves(ml_collections.ConfigDict(snapshots[name]))
+        diff = {
+            k: (got.get(k), want.get(k))
+            for k in got.keys() | want.keys()
+            if got.get(k) != want.get(k)
+        }
+        assert not diff, f"{name}: (now, snapshot) {diff}"
+
+
+def test_shipped_variants_validate():
+    for name, config in shipped_configs().items():
+        if not name.startswith("loss_table"):
+            config_lib.validate(config, num_devices=4)
+
+
+@pytest.mark.parametrize(
+    "name,old,new",
+    [
+        ("cifar10_basic", "trades-se-clip-l2", "trades-se,clip,l2"),
+        ("cifar10_basic", "pgd_at-se-clip", "pgd_at-se,clip"),
+        ("cifar10_ddpm", "beta3-l2", "beta3,l2"),
+    ],
+)
+def test_old_variant_spelling_names_the_comma_spelling(name, old, new):
+    with pytest.raises(ConfigError, match=rf"^config variant '{old}': .*'{new}'$"):
+        _load(name, old)
+    _load(name, new)  # the spelling the message gives loads
+
+
+def test_paper_rules_are_one_function_used_by_the_basic_config_and_the_loss_table():
+    sys.path.insert(0, REPO)
+    from experiments import loss_table
+
+    for method, divergence, clip in itertools.product(
+        ("trades", "pgd_at"), losses.DIVERGENCES, (False, True)
+    ):
+        # The paper: lr 0.1 for KL, 0.05 otherwise; c = 0.4 (PGD-AT) / 0.3 (TRADES); PGD-AT
+        # attacks from U(-eps, eps), TRADES from 0.001 N(0, 1) (without_DDPM/train_cifar.py).
+        want = {
+            "loss.method": method,
+            "loss.divergence": divergence,
+            "loss.clip_c": {"pgd_at": 0.4, "trades": 0.3}[method] if clip else None,
+            "optim.learning_rate": 0.1 if divergence == "kl" else 0.05,
+            "attack.init": {"pgd_at": "uniform", "trades": "normal"}[method],
+        }
+        variant = f"{method}-{divergence}" + (",clip" if clip else "")
+        basic = config_checks.leaves(_load("cifar10_basic", variant))
+        assert {k: basic[k] for k in want} == want
+        row = loss_table._row(method, divergence, clip)
+        table = config_checks.leaves(loss_table.make_config(row, 0, loss_table.QUICK))
+        assert {k: table[k] for k in want} == want
+
+
+@pytest.mark.parametrize(
+    "field,value,new",
+    [
+        ("loss.type", "pgd_at", "config.loss.method"),
+        ("loss.kind", "kl", "config.loss.divergence"),
+        ("autoattack.num_examples", 100, "config.test.autoattack.num_examples"),
+        ("autoattack.batch_size", 64, "config.eval_batch_size"),
+    ],
+)
+def test_old_field_names_are_refused_with_the_new_one(field, value, new):
+    config = _load("digits", None)
+    section, key = field.split(".")
+    if section not in config:
+        config[section] = ml_collections.ConfigDict()
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=rf"^config\.{field} was renamed: use {new}") as e:
+        config_lib.validate(config)
+    assert "\n" not in str(e.value)
+    # On the command line, the override of a field the config lacks gets the same hint.
+    argv = [
+        "main.py",
+        "--config",
+        os.path.join(REPO, "configs/digits.py"),
+        f"--config.{field}={value}",
+    ]
+    line = config_checks.explain_flag_error(argv, KeyError(field))
+    assert line == f"--config.{field}={value}: config.{field} was renamed: use {new}"
+
+
+@pytest.mark.parametrize("name,variant", [("digits", None), ("cifar10_basic", "trades-se,l2")])
+def test_attack_eps_and_norm_overrides_move_every_evaluator(name, variant):
+    """--config.attack.eps / norm (applied as config_flags applies them) move the eps and norm
+    of every validation and test evaluator that did not set its own."""
+    config = _load(name, variant)
+    config.update_from_flattened_dict({"attack.eps": 0.2, "attack.norm": "l2"})
+    specs = [
+        (f"{section}.{name}", spec)
+        for section in ("eval", "test")
+        for name, spec in evaluate.evaluator_specs(config[section]).items()
+    ]
+    assert {k for k, _ in specs} >= {"eval.pgd", "test.pgd", "test.autoattack"}
+    for key, spec in specs:
+        assert (spec.eps, spec.norm) == (0.2, "l2"), key
+    # An evaluator given its own eps keeps it.
+    config.test.pgd.eps = 0.05
+    config.attack.eps = 0.3
+    assert (config.test.pgd.eps, config.eval.pgd.eps) == (0.05, 0.3)
+
+
+def _write_snapshots() -> None:
+    snapshots = {k: _as_json(c) for k, c in sorted(shipped_configs().items())}
+    with open(SNAPSHOTS, "w") as f:
+        lines = [f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in snapshots.items()]
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+    print(f"{len(snapshots)} configs written to {SNAPSHOTS}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit(f"usage: PYTHONPATH=. python {sys.argv[0]} --write")
+    _write_snapshots()
