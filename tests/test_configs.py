@@ -16,6 +16,7 @@ Changed a config on purpose? Regenerate the snapshot from the current tree and r
 import itertools
 import json
 import os
+import subprocess
 import sys
 
 import ml_collections
@@ -147,24 +148,45 @@ def test_old_field_names_are_refused_with_the_new_one(field, value, new):
     assert line == f"--config.{field}={value}: config.{field} was renamed: use {new}"
 
 
-@pytest.mark.parametrize("name,variant", [("digits", None), ("cifar10_basic", "trades-se,l2")])
-def test_attack_eps_and_norm_overrides_move_every_evaluator(name, variant):
-    """--config.attack.eps / norm (applied as config_flags applies them) move the eps and norm
-    of every validation and test evaluator that did not set its own."""
-    config = _load(name, variant)
-    config.update_from_flattened_dict({"attack.eps": 0.2, "attack.norm": "l2"})
-    specs = [
-        (f"{section}.{name}", spec)
-        for section in ("eval", "test")
-        for name, spec in evaluate.evaluator_specs(config[section]).items()
-    ]
-    assert {k for k, _ in specs} >= {"eval.pgd", "test.pgd", "test.autoattack"}
-    for key, spec in specs:
-        assert (spec.eps, spec.norm) == (0.2, "l2"), key
-    # An evaluator given its own eps keeps it.
-    config.test.pgd.eps = 0.05
-    config.attack.eps = 0.3
-    assert (config.test.pgd.eps, config.eval.pgd.eps) == (0.05, 0.3)
+_SHOW_EVALUATOR_EPS = """
+import json, sys
+from absl import app
+from score_jax import evaluate, main
+
+def show(argv):
+    c = main.FLAGS.config
+    specs = {s: evaluate.evaluator_specs(c[s]) for s in ("eval", "test")}
+    print(json.dumps({f"{s}.{k}": [v.eps, v.norm] for s in specs for k, v in specs[s].items()}))
+
+sys.argv = ["score_jax", "--config", sys.argv[1], "--workdir", "/unused", *sys.argv[2:]]
+app.run(show, flags_parser=main.parse_flags)
+"""
+
+
+def _evaluator_eps_norm(spec: str, *overrides: str) -> dict[str, list]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    argv = [sys.executable, "-c", _SHOW_EVALUATOR_EPS, spec, *overrides]
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_attack_eps_and_norm_flags_move_every_evaluator():
+    """--config.attack.eps / norm on the command line (absl's config_flags, as main parses them)
+    move the eps and norm of every validation and test evaluator that does not set its own."""
+    spec = "configs/cifar10_basic.py:trades-se,l2"
+    config = _load("cifar10_basic", "trades-se,l2")
+    for section in (config.eval, config.test):
+        for e in evaluate.evaluator_specs(section).values():
+            assert (e.eps, e.norm) == (128 / 255, "l2")
+    flags = ["--config.attack.eps=0.2", "--config.attack.norm=linf", "--config.test.pgd.eps=0.05"]
+    got = _evaluator_eps_norm(spec, *flags)
+    assert got == {
+        "eval.pgd": [0.2, "linf"],
+        "eval.pgd_se": [0.2, "linf"],
+        "test.pgd": [0.05, "linf"],  # its own eps, set on the command line, wins
+        "test.autoattack": [0.2, "linf"],
+    }
 
 
 def _write_snapshots() -> None:
