@@ -57,8 +57,9 @@ def autoattack_evaluator(
     params: str = "best_by",
 ) -> ml_collections.ConfigDict:
     """An "autoattack" evaluator: the JAX AutoAttack (score_jax.autoattack) at config.attack's eps
-    and norm (references, as pgd_evaluator's). version "standard" (APGD-CE, APGD-T, FAB-T,
-    Square) or "custom" (`attacks`); the iteration counts are AutoAttack's standard ones;
+    and norm (references, as pgd_evaluator's); `--mode autoattack` runs pyautoattack from the
+    same spec (version, attacks, num_examples, eps, norm). version "standard" (APGD-CE, APGD-T,
+    FAB-T, Square) or "custom" (`attacks`); the iteration counts are AutoAttack's standard ones;
     `num_examples`: the first n examples (-1: all); `params`: "best_by" evaluates only
     config.best_by's parameters (AutoAttack is the costly evaluator), "all" both."""
     return ml_collections.ConfigDict(
@@ -216,25 +217,21 @@ def parse_variant(
     options: Collection[str],
     *,
     heads: Collection[str] = (),
-    default_head: str = "",
     spelling: str = "",
 ) -> tuple[str, frozenset[str]]:
     """`[<head>,]<option>,<option>...` -> (head, options): the one variant syntax of every config
     file, a comma list (names keep their own dashes: `wrn-70-16`, `trades-se`). With `heads`, the
-    first item is one of them (`default_head` for an empty variant). An old dash-joined spelling
-    (`trades-se-clip-l2`) is refused with the comma spelling (`trades-se,clip,l2`)."""
+    first item must be one of them (`spelling` describes the syntax in the error). The old
+    dash-joined spelling (`trades-se-clip-l2`) is refused naming the new (`trades-se,clip,l2`)."""
     items = [v.strip() for v in variant.split(",") if v.strip()]
-    head = default_head
-    if heads and items:
-        head = items.pop(0)
+    head = items.pop(0) if heads and items else ""
     unknown = [v for v in items if v not in options]
     bad_head = bool(heads) and head not in heads
     if not unknown and not bad_head:
         return head, frozenset(items)
     respelled = _respell(variant, (*heads, *options))
     if respelled and respelled != variant:
-        kw = dict(heads=heads, default_head=default_head, spelling=spelling)
-        parse_variant(respelled, options, **kw)  # raises if the comma spelling is no better
+        parse_variant(respelled, options, heads=heads, spelling=spelling)  # raises if no better
         raise ConfigError(f"config variant {variant!r}: options are comma-separated: {respelled!r}")
     if bad_head:
         raise ConfigError(f"config variant {variant!r}: expected {spelling or sorted(heads)}")
