@@ -166,15 +166,15 @@ def test_autoattack_end_to_end_and_bad_exports(tmp_path):
     config.update_from_flattened_dict(E2E_OVERRIDES)
     trainer.train_and_evaluate(config, str(workdir))  # in-process: one JAX start-up less
     args = ["--config", "configs/digits.py", "--workdir", str(workdir)]
-    args += [f"--config.{k}={v}" for k, v in E2E_OVERRIDES.items()]
     num = 32
-    out = _cli(
-        *args,
-        "--mode", "autoattack",
-        f"--config.test.autoattack.num_examples={num}",
-        "--config.test.autoattack.version=custom",
-        "--config.test.autoattack.attacks=('apgd-ce', 'apgd-t')",
-    )  # fmt: skip
+    overrides = {
+        **E2E_OVERRIDES,
+        "test.autoattack.num_examples": num,
+        "test.autoattack.version": "custom",
+        "test.autoattack.attacks": "('apgd-ce', 'apgd-t')",
+    }  # each field once: a repeated tuple flag appends
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    out = _cli(*args, "--mode", "autoattack")
     assert out.returncode == 0, out.stderr
     print(out.stdout)
     assert "robust accuracy after APGD-CE" in out.stdout  # AutoAttack's progress lines
