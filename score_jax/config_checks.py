@@ -18,23 +18,24 @@ from score_jax import attacks, losses, optim
 from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
 from score_jax.errors import ConfigError
 
-# Old field -> its new name (or what replaced it): refused with this hint, in a config, a saved
-# config.json or a --config.<old>=... flag.
+# Old field -> its new one: refused with this hint in a config, a --config.<old>=... flag; a
+# checkpoint's fingerprint written before the rename is read with the new names.
 RENAMED = {
-    "loss.type": "config.loss.method",
-    "loss.kind": "config.loss.divergence",
-    "autoattack": "config.test.autoattack (one AutoAttack spec, also read by --mode autoattack)",
-    "autoattack.num_examples": "config.test.autoattack.num_examples",
-    "autoattack.version": "config.test.autoattack.version",
-    "autoattack.attacks": "config.test.autoattack.attacks",
-    "autoattack.batch_size": "config.eval_batch_size",
+    "loss.type": "loss.method",
+    "loss.kind": "loss.divergence",
+    "autoattack.num_examples": "test.autoattack.num_examples",
+    "autoattack.version": "test.autoattack.version",
+    "autoattack.attacks": "test.autoattack.attacks",
+    "autoattack.batch_size": "eval_batch_size",
 }
+# An old section -> what replaced it.
+MERGED = {"autoattack": "test.autoattack (one AutoAttack spec, also read by --mode autoattack)"}
 
 
 def renamed_hint(field: str) -> str | None:
     """The hint 'config.<old> was renamed: use <new>' for an old field (or an old section's)."""
-    new = RENAMED.get(field) or RENAMED.get(field.partition(".")[0])
-    return None if new is None else f"config.{field} was renamed: use {new}"
+    new = RENAMED.get(field) or MERGED.get(field.partition(".")[0])
+    return None if new is None else f"config.{field} was renamed: use config.{new}"
 
 
 def _require(ok: bool, message: str) -> None:

@@ -22,7 +22,7 @@ import sys
 import ml_collections
 import pytest
 
-from score_jax import config_checks, config_lib, evaluate, losses
+from score_jax import checkpoint, config_checks, config_lib, evaluate, losses
 from score_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,6 +146,17 @@ def test_old_field_names_are_refused_with_the_new_one(field, value, new):
     ]
     line = config_checks.explain_flag_error(argv, KeyError(field))
     assert line == f"--config.{field}={value}: config.{field} was renamed: use {new}"
+
+
+def test_a_checkpoint_written_before_the_loss_rename_still_resumes():
+    """Its fingerprint names loss.type / loss.kind: they compare as loss.method / divergence."""
+    current = checkpoint.fingerprint(_load("digits", None))
+    saved = json.loads(json.dumps(current))
+    saved["loss"]["type"] = saved["loss"].pop("method")
+    saved["loss"]["kind"] = saved["loss"].pop("divergence")
+    assert checkpoint.fingerprint_mismatch(saved, current) == []
+    saved["loss"]["kind"] = "kl"  # another run's: still refused
+    assert checkpoint.fingerprint_mismatch(saved, current) == ["loss.divergence"]
 
 
 _SHOW_EVALUATOR_EPS = """
