@@ -132,7 +132,7 @@ def make_config(
         raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
     c = load_config("cifar10_ddpm")
     if loss == "trades-kl":
-        c.loss.kind = "kl"
+        c.loss.divergence = "kl"
     elif loss == "pgd-at":
         basic = load_config("cifar10_basic", "pgd_at-kl")
         c.loss = basic.loss
@@ -288,7 +288,7 @@ def torch_spec(
         "attack": attack.to_dict(),
     }
     if mode == "train":
-        spec["loss"] = {"type": c.loss.type, "kind": c.loss.kind, "beta": c.loss.beta}
+        spec["loss"] = {"type": c.loss.method, "kind": c.loss.divergence, "beta": c.loss.beta}
         spec["optim"] = {
             k: c.optim[k]
             for k in ("learning_rate", "momentum", "nesterov", "weight_decay")
@@ -725,7 +725,7 @@ def run(args: argparse.Namespace) -> dict:
         j["flop_per_s"] = j["flops_per_step"] / j["step_s_median"]
         if args.peak_flops > 0:  # model FLOPs utilisation against the chip's peak
             j["mfu"] = j["flop_per_s"] / (args.peak_flops * bench.mesh.size)
-        trades = config.loss.type == "trades"
+        trades = config.loss.method == "trades"
         if args.breakdown:
             b = jax_breakdown(bench, state, host_batch, args.steps, args.warmup)
             j["breakdown"] = add_estimates(b, j["step_s_median"], config.attack.num_steps, trades)

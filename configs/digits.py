@@ -8,7 +8,7 @@ from score_jax import config_lib
 
 
 def get_config():
-    c = config_lib.base_config()
+    c = config_lib.base_config()  # TRADES-SE, beta 6, PGD-10 from 0.001 N(0, 1), SGD lr 0.05
     c.dataset.name = "digits"
     c.dataset.num_validation = 180  # the digits split is fixed: 1257 train / 180 val / 360 test
     c.model.name = "small-cnn"
@@ -22,17 +22,10 @@ def get_config():
     c.checkpoint_every_steps = 200
     c.augment.crop_padding = 1
     c.augment.flip = False  # a mirrored digit is another symbol
-    c.loss.type = "trades"
-    c.loss.kind = "se"
-    c.loss.beta = 6.0
     c.attack.eps = 0.1
     c.attack.step_size = 0.025
-    c.attack.num_steps = 10
-    c.attack.init = "normal"
-    c.optim.learning_rate = 0.05
     c.optim.schedule = "cosine"
     c.optim.nesterov = True
-    c.ema.decay = 0.995
     c.eval.pgd.step_size = 0.025
     c.test.pgd.step_size = 0.025
     return c

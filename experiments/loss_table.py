@@ -1,6 +1,7 @@
 """The paper's Tables 1 and 2 in miniature, on the offline digits dataset (configs/digits.py).
 
-Rows (loss type, divergence, clipping, initial learning rate):
+Rows (loss method, divergence, clipping; the initial learning rate, clip threshold and attack
+start follow the paper's rules, config_lib.paper_loss, as configs/cifar10_basic.py):
   Table 2: PGD-AT and TRADES with KL (lr 0.1) and SE (lr 0.05), SE also with loss clipping
            (c = 0.4 for PGD-AT, 0.3 for TRADES; the paper clips only SE);
   Table 1: PGD-AT with the other divergences l2, l1, linf, js_dist, js, l1_sq (lr 0.05 only; the
@@ -49,21 +50,30 @@ AA_ATTACKS = ("apgd-ce", "apgd-t")
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One table row: a loss type, a divergence, optional clipping, an initial learning rate."""
+    """One table row: a loss method, a divergence, optional clipping (config_lib.paper_loss)."""
 
     name: str
-    loss_type: str  # "pgd_at" | "trades"
-    kind: str
-    clip_c: float | None
-    learning_rate: float
+    method: str  # "pgd_at" | "trades"
+    divergence: str
+    clip: bool
     table: int
 
+    def settings(self) -> dict[str, Any]:
+        """The row's flattened config fields: loss, initial lr, attack start (the paper's)."""
+        return config_lib.paper_loss(self.method, self.divergence, self.clip)
 
-def _row(loss_type: str, kind: str, clip: bool = False, table: int = 2) -> Row:
-    clip_c = (0.4 if loss_type == "pgd_at" else 0.3) if clip else None
-    lr = 0.1 if kind == "kl" else 0.05
-    name = f"{loss_type}-{kind}" + ("-clip" if clip else "")
-    return Row(name, loss_type, kind, clip_c, lr, table)
+    @property
+    def clip_c(self) -> float | None:
+        return self.settings()["loss.clip_c"]
+
+    @property
+    def learning_rate(self) -> float:
+        return self.settings()["optim.learning_rate"]
+
+
+def _row(method: str, divergence: str, clip: bool = False, table: int = 2) -> Row:
+    name = f"{method}-{divergence}" + ("-clip" if clip else "")
+    return Row(name, method, divergence, clip, table)
 
 
 ROWS: dict[str, Row] = {
@@ -136,12 +146,7 @@ def make_config(row: Row, seed: int, budget: Budget) -> ml_collections.ConfigDic
     """configs/digits.py with the row's loss, the seed and the budget."""
     c = digits_config()
     c.seed = seed
-    c.loss.type = row.loss_type
-    c.loss.kind = row.kind
-    c.loss.clip_c = row.clip_c
-    c.optim.learning_rate = row.learning_rate
-    # The reference's starts: PGD-AT uniform in the ball, TRADES 0.001 N(0, 1).
-    c.attack.init = "uniform" if row.loss_type == "pgd_at" else "normal"
+    c.update_from_flattened_dict(row.settings())
     c.attack.num_steps = budget.attack_steps
     c.num_epochs = budget.num_epochs
     c.num_train_steps = budget.num_train_steps
@@ -151,11 +156,19 @@ def make_config(row: Row, seed: int, budget: Budget) -> ml_collections.ConfigDic
     c.eval_every_epochs = budget.eval_every_epochs
     c.eval.pgd.num_steps = budget.val_steps
     c.test.pgd.num_steps = budget.test_steps
-    del c.test["autoattack"]  # the table's AutoAttack column: pyautoattack on the export
     c.progress_bar = False
-    c.autoattack.version = "custom"
-    c.autoattack.attacks = AA_ATTACKS
-    c.autoattack.num_examples = budget.aa_examples
+    # The table's AutoAttack column: pyautoattack on the export (--mode autoattack's run, which
+    # reads this spec); training runs without it (training_config).
+    c.test.autoattack.version = "custom"
+    c.test.autoattack.attacks = AA_ATTACKS
+    c.test.autoattack.num_examples = budget.aa_examples
+    return c
+
+
+def training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` without the JAX AutoAttack after training (the table runs pyautoattack)."""
+    c = config.copy_and_resolve_references()
+    del c.test["autoattack"]
     return c
 
 
@@ -178,19 +191,18 @@ def run_one(
             saved = json.load(f)
         if saved.get("config") == settings:
             return saved
+    train_config = training_config(config)
     config_path = os.path.join(workdir, common.CONFIG_FILE)
     if os.path.exists(config_path):  # resume only a run of the same training settings
         with open(config_path) as f:
             saved_config = json.load(f)
-        if {k: v for k, v in saved_config.items() if k != "autoattack"} != {
-            k: v for k, v in settings.items() if k != "autoattack"
-        }:
+        if saved_config != json.loads(train_config.to_json_best_effort(sort_keys=True)):
             raise ValueError(
                 f"{workdir} holds a run with other settings (e.g. another budget); "
                 "delete it or use another --out"
             )
     start = time.perf_counter()
-    trained = trainer.train_and_evaluate(config, workdir)
+    trained = trainer.train_and_evaluate(train_config, workdir)
     if "preempted_at_step" in trained:  # SIGTERM: the run is saved; rerunning resumes it
         raise SystemExit(f"stopped (SIGTERM) in {workdir}; run the same command to resume")
     train_s = time.perf_counter() - start
@@ -227,9 +239,9 @@ def summarise(values: Sequence[float]) -> dict[str, Any]:
 
 
 def row_label(r: dict[str, Any]) -> str:
-    method = "PGD-AT" if r["type"] == "pgd_at" else "TRADES"
+    method = "PGD-AT" if r["method"] == "pgd_at" else "TRADES"
     clip = f" c={r['clip_c']}" if r["clip_c"] is not None else ""
-    return f"{method}-{r['kind'].upper()}{clip}"
+    return f"{method}-{r['divergence'].upper()}{clip}"
 
 
 def plot(path: str, rows: dict[str, dict[str, Any]], title: str) -> None:
@@ -273,10 +285,10 @@ def markdown(rows: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
     for r in rows.values():
         cells = [f"{100 * r[m]['mean']:.2f} ± {100 * r[m]['std']:.2f}" for m in METRICS]
         clip = f"c={r['clip_c']}" if r["clip_c"] is not None else "-"
-        method = "PGD-AT" if r["type"] == "pgd_at" else "TRADES"
+        method = "PGD-AT" if r["method"] == "pgd_at" else "TRADES"
         lines.append(
-            f"| {r['table'] or '-'} | {method} | {r['kind']} | {clip} | {r['learning_rate']} | "
-            f"{len(r['clean']['values'])} | " + " | ".join(cells) + " |"
+            f"| {r['table'] or '-'} | {method} | {r['divergence']} | {clip} | "
+            f"{r['learning_rate']} | {len(r['clean']['values'])} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -320,8 +332,8 @@ def run(
                 flush=True,
             )
         table[name] = {
-            "type": row.loss_type,
-            "kind": row.kind,
+            "method": row.method,
+            "divergence": row.divergence,
             "clip_c": row.clip_c,
             "learning_rate": row.learning_rate,
             "table": row.table,

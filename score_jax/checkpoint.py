@@ -70,7 +70,9 @@ def corrupt_error(path: str, error: BaseException) -> CheckpointError:
 
 
 def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields whose values differ."""
+    """Dotted names of the fields whose values differ (`saved`'s renamed fields by their new
+    names, config_checks.RENAMED, so a checkpoint written before a rename still resumes)."""
+    from score_jax.config_checks import RENAMED
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -80,7 +82,7 @@ def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list
             out.update(flat(v, f"{prefix}.{k}" if prefix else k))
         return out
 
-    a, b = flat(saved), flat(current)
+    a, b = {RENAMED.get(k, k): v for k, v in flat(saved).items()}, flat(current)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

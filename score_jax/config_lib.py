@@ -1,25 +1,26 @@
-"""The base configuration every `configs/*.py` starts from, and its validation.
+"""The base configuration every `configs/*.py` starts from, the paper's settings and loading.
 
-Configs are data: each `configs/<name>.py` defines `get_config()` returning this ConfigDict with
-the paper's values filled in. Every field is overridable as `--config.a.b=value`.
+Configs are data: each `configs/<name>.py` defines `get_config()` (or `get_config(variant)`) that
+states only what it changes in base_config(). A variant is a comma list of options parsed by
+parse_variant(). Every field is overridable as `--config.a.b=value`; config_checks validates.
 """
 
 import importlib.util
-import inspect
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Collection
 from typing import Any
 
 import ml_collections
-import numpy as np
 from ml_collections import config_dict
 
-from score_jax import attacks, losses, optim
-from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
+from score_jax import losses
+from score_jax.config_checks import validate  # noqa: F401 - config_lib.validate, as callers use
 from score_jax.errors import ConfigError
+from score_jax.train import LOSS_METHODS
 
 CIFAR10_EPS = 8 / 255
+# The rows of the paper's Tables 1 and 2: "<method>-<divergence>", e.g. "pgd_at-kl" (Madry).
+LOSS_ROWS = tuple(f"{m}-{d}" for m in LOSS_METHODS for d in losses.DIVERGENCES)
 
 
 def pgd_evaluator(
@@ -56,8 +57,9 @@ def autoattack_evaluator(
     params: str = "best_by",
 ) -> ml_collections.ConfigDict:
     """An "autoattack" evaluator: the JAX AutoAttack (score_jax.autoattack) at config.attack's eps
-    and norm (references, as pgd_evaluator's). version "standard" (APGD-CE, APGD-T, FAB-T,
-    Square) or "custom" (`attacks`); the iteration counts are AutoAttack's standard ones;
+    and norm (references, as pgd_evaluator's); `--mode autoattack` runs pyautoattack from the
+    same spec (version, attacks, num_examples, eps, norm). version "standard" (APGD-CE, APGD-T,
+    FAB-T, Square) or "custom" (`attacks`); the iteration counts are AutoAttack's standard ones;
     `num_examples`: the first n examples (-1: all); `params`: "best_by" evaluates only
     config.best_by's parameters (AutoAttack is the costly evaluator), "all" both."""
     return ml_collections.ConfigDict(
@@ -131,8 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loss = ml_collections.ConfigDict(
         dict(
-            type="trades",  # "trades" | "pgd_at"
-            kind="se",  # a divergence of score_jax.losses.DIVERGENCES
+            method="trades",  # "trades" | "pgd_at" (train.LOSS_METHODS)
+            divergence="se",  # a divergence of score_jax.losses.DIVERGENCES
             beta=6.0,
             clip_c=config_dict.placeholder(float),  # None: no clipping
             clip_clean=True,
@@ -188,63 +190,99 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.select_ties = "strict"
     c.test = ml_collections.ConfigDict()
     c.test.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=20, step_size=2 / 255)
-    c.test.autoattack = autoattack_evaluator(c.attack)  # JAX, standard, config.best_by's params
-    # --mode autoattack (score_jax.torch_bridge): AutoAttack on the first num_examples test
-    # examples (-1: all); version "standard" | "plus" | "rand" | "custom" (custom: `attacks`,
-    # e.g. ("apgd-ce", "apgd-t")).
-    c.autoattack = ml_collections.ConfigDict(
-        dict(num_examples=-1, batch_size=256, version="standard", attacks=())
-    )
+    # The JAX AutoAttack on the test split; `--mode autoattack` reads the same spec (its version,
+    # attacks, num_examples, eps and norm) for the pyautoattack cross-check.
+    c.test.autoattack = autoattack_evaluator(c.attack)  # standard, config.best_by's params
     return c
 
 
+def paper_loss(method: str, divergence: str, clip: bool = False) -> dict[str, Any]:
+    """The basic setting's rules of Tables 1 and 2 (the reference's without_DDPM/train_cifar.py),
+    as flattened config fields: initial lr 0.1 for KL, 0.05 otherwise; loss clipping at c = 0.4
+    (PGD-AT) / 0.3 (TRADES) when `clip`, else none; the attack starts from U(-eps, eps) for
+    PGD-AT, 0.001 N(0, 1) for TRADES. Apply with `config.update_from_flattened_dict(...)`."""
+    if method not in LOSS_METHODS or divergence not in losses.DIVERGENCES:
+        raise ConfigError(f"loss {method!r}-{divergence!r}: expected one of {LOSS_ROWS}")
+    return {
+        "loss.method": method,
+        "loss.divergence": divergence,
+        "loss.clip_c": (0.4 if method == "pgd_at" else 0.3) if clip else None,
+        "optim.learning_rate": 0.1 if divergence == "kl" else 0.05,
+        "attack.init": "uniform" if method == "pgd_at" else "normal",
+    }
+
+
+def parse_variant(
+    variant: str,
+    options: Collection[str],
+    *,
+    heads: Collection[str] = (),
+    spelling: str = "",
+) -> tuple[str, frozenset[str]]:
+    """`[<head>,]<option>,<option>...` -> (head, options): the one variant syntax of every config
+    file, a comma list (names keep their own dashes: `wrn-70-16`, `trades-se`). With `heads`, the
+    first item must be one of them (`spelling` describes the syntax in the error). The old
+    dash-joined spelling (`trades-se-clip-l2`) is refused naming the new (`trades-se,clip,l2`)."""
+    items = [v.strip() for v in variant.split(",") if v.strip()]
+    head = items.pop(0) if heads and items else ""
+    unknown = [v for v in items if v not in options]
+    bad_head = bool(heads) and head not in heads
+    if not unknown and not bad_head:
+        return head, frozenset(items)
+    respelled = _respell(variant, (*heads, *options))
+    if respelled and respelled != variant:
+        parse_variant(respelled, options, heads=heads, spelling=spelling)  # raises if no better
+        raise ConfigError(f"config variant {variant!r}: options are comma-separated: {respelled!r}")
+    if bad_head:
+        raise ConfigError(f"config variant {variant!r}: expected {spelling or sorted(heads)}")
+    raise ConfigError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
+
+
+def _respell(variant: str, names: Collection[str]) -> str | None:
+    """`variant` with each dash-joined run of known names split by commas; None if none fits."""
+    out = []
+    for item in (v for v in variant.split(",") if v):
+        parts, i = item.split("-"), 0
+        while i < len(parts):
+            j = next((j for j in range(len(parts), i, -1) if "-".join(parts[i:j]) in names), None)
+            if j is None:
+                return None
+            out.append("-".join(parts[i:j]))
+            i = j
+    return ",".join(out)
+
+
 def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_collections.ConfigDict:
-    """The DDPM setting (Tables 3, 4; configs/cifar10_ddpm.py documents it): WRN + DDPM data."""
-    options = {v for v in variant.split(",") if v}
-    unknown = options - {"beta3", "l2", "wrn-70-16"}
-    if unknown:
-        raise ConfigError(f"config variant {variant!r}: unknown options {sorted(unknown)}")
+    """The DDPM setting (Tables 3, 4; configs/cifar10_ddpm.py documents it): WRN + DDPM data.
+    variant: a comma list of `beta3`, `l2`, `wrn-70-16`."""
+    _, options = parse_variant(variant, ("beta3", "l2", "wrn-70-16"))
     c = base_config()
     c.dataset.name = dataset
-    c.dataset.num_validation = 1024
-    c.dataset.ddpm_path = ""  # required: the generated .npz
-    c.dataset.real_fraction = real_fraction
+    c.dataset.real_fraction = real_fraction  # dataset.ddpm_path: required, the generated .npz
     c.dataset.epoch_size = 50000  # the reference counts all 50000 images (validation included)
     c.model.name = "wrn-70-16" if "wrn-70-16" in options else "wrn-28-10"
     c.model.activation = "silu"
     c.batch_size = 512
     c.eval_batch_size = 512
     c.num_epochs = 400
+    c.checkpoint_every_steps = 2000
+    # OneCycleLR(max_lr=0.2, pct_start=0.025, total_steps=epochs) stepped once per epoch, the
+    # momentum cycled 0.95 -> 0.85 -> 0.95 (OneCycleLR's default; optim.momentum unused).
     c.optim.learning_rate = 0.2
-    c.optim.schedule = "one_cycle"  # OneCycleLR(max_lr=lr, pct_start=0.025, total_steps=epochs)
-    c.optim.schedule_unit = "epoch"  # stepped once per epoch, as the reference
-    c.optim.warmup_fraction = 0.025
-    c.optim.warmup_div = 25.0
-    c.optim.final_div_factor = 1e4
-    c.optim.cycle_momentum = True  # 0.95 -> 0.85 -> 0.95 (OneCycleLR's default)
-    c.optim.base_momentum = 0.85
-    c.optim.max_momentum = 0.95
-    c.optim.momentum = 0.9  # unused while cycle_momentum
+    c.optim.schedule = "one_cycle"
+    c.optim.schedule_unit = "epoch"
+    c.optim.cycle_momentum = True
     c.optim.nesterov = True
-    c.optim.weight_decay = 5e-4
     c.optim.weight_decay_batchnorm = False
-    c.ema.decay = 0.995
-    c.ema.warmup_fraction = 0.025
-    c.loss.type = "trades"
-    c.loss.kind = "se"
     c.loss.beta = 3.0 if "beta3" in options else 4.0
-    c.loss.clip_c = None
-    c.loss.label_smoothing = 0.0
-    c.attack.num_steps = 10
-    c.attack.batchnorm = "batch_frozen"  # train mode, running averages not tracked (trades.py)
+    # The attack: batch statistics, running averages not tracked (base's "batch_frozen", trades.py).
     if "l2" in options:
-        # trades_loss_LSE's L2 loop: 0.001 N(0,1) start, lr 2 eps / steps, box then renorm.
+        # trades_loss_LSE's L2 loop: 0.001 N(0,1) start (base's), lr 2 eps / steps, box then renorm.
         c.attack.norm, c.attack.eps = "l2", 128 / 255
         c.attack.step_size = 2 * c.attack.eps / c.attack.num_steps
-        c.attack.init, c.attack.l2_rule = "normal", "box_then_ball"
+        c.attack.l2_rule = "box_then_ball"
     else:
-        # x + U(-eps, eps) clamped to [0, 1], then sign steps of 2/255.
-        c.attack.norm, c.attack.eps, c.attack.step_size = "linf", 8 / 255, 2 / 255
+        # x + U(-eps, eps) clamped to [0, 1], then sign steps of 2/255 (base's eps and step).
         c.attack.init = "uniform"
     # Evaluation keeps its steps of 2/255 (16/255 for L2); the training L2 step is 2 eps / steps.
     eval_step = 16 / 255 if "l2" in options else 2 / 255
@@ -256,11 +294,7 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     )
     c.eval.select_by = ("pgd_cw",)
     c.eval.select_ties = "later"
-    c.test.pgd.num_steps = 20
     c.test.pgd.step_size = eval_step
-    c.best_by = "ema"
-    c.eval_every_epochs = 1
-    c.checkpoint_every_steps = 2000
     return c
 
 
@@ -272,388 +306,3 @@ def load_config_file(path: str, variant: str | None = None) -> ml_collections.Co
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if variant is None else module.get_config(variant)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-# --- Validation: one check per field, then the relations between fields ----------------------
-#
-# field_checks() maps each dotted field to (predicate, requirement); validate() reports the first
-# failing field as "config.<field>=<value> must be <requirement>". A field in no table is a
-# defect (tests/test_bad_inputs.py walks every shipped config): add a check or list it in
-# FREE_FORM. The model's own fields (model.width, model.depth, ...) are checked by _check_model.
-
-AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
-AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-_MODEL_RESERVED = ("name", "activation", "conv_impl", "dtype", "init_scheme")
-
-Check = tuple[Callable[[Any], bool], str]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(lo: int, *, or_value: int | None = None) -> Check:
-    text = f"an integer >= {lo}" + ("" if or_value is None else f" (or {or_value})")
-    return (lambda v: _is_int(v) and (v >= lo or v == or_value)), text
-
-
-def _real(lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False, none=False) -> Check:
-    def ok(v: Any) -> bool:
-        if v is None:
-            return none
-        if not _is_real(v):
-            return False
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-
-    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-    return ok, f"a finite number in {interval}" + (" or None" if none else "")
-
-
-def _choice(options: Sequence[str]) -> Check:
-    options = tuple(options)
-    return (lambda v: isinstance(v, str) and v in options), f"one of {options}"
-
-
-_BOOL: Check = (lambda v: isinstance(v, bool), "True or False")
-_STRING: Check = (lambda v: isinstance(v, str), "a string")
-_PROB: Check = _real(0.0, 1.0, hi_open=True)  # [0, 1)
-_FRACTION: Check = _real(0.0, 1.0)  # [0, 1]
-
-
-def _lr_boundaries_ok(v: Any) -> bool:
-    return (
-        isinstance(v, tuple | list)
-        and all(_is_real(e) and e >= 0 for e in v)
-        and list(v) == sorted(v)
-    )
-
-
-def _aa_attacks_ok(v: Any) -> bool:
-    items = (v,) if isinstance(v, str) else v
-    if not isinstance(items, tuple | list):
-        return False
-    names = [a.strip() for item in items for a in str(item).split(",") if a.strip()]
-    return all(a in AUTOATTACK_NAMES for a in names)
-
-
-def _attack_checks() -> dict[str, Check]:
-    from score_jax import train
-
-    return {
-        "attack.norm": _choice(attacks.NORMS),
-        "attack.eps": _real(0.0),
-        "attack.step_size": _real(0.0),
-        "attack.num_steps": _integer(0),
-        "attack.init": _choice(attacks.INITS),
-        "attack.batchnorm": _choice(train.ATTACK_BATCHNORM),
-        "attack.l2_rule": _choice(attacks.L2_RULES),
-    }
-
-
-def evaluator_checks(kind: str) -> dict[str, Check]:
-    """field -> check of an evaluator of `kind` (config.eval.<name> / config.test.<name>)."""
-    from score_jax import autoattack
-
-    common = {"kind": _choice((kind,)), "eps": _real(0.0), "norm": _choice(attacks.NORMS)}
-    if kind == "pgd":
-        return common | {
-            "objective": _choice(attacks.EVAL_OBJECTIVES),
-            "num_steps": _integer(0),
-            "step_size": _real(0.0),
-            "restarts": _integer(1),
-            "init": _choice(attacks.INITS),
-        }
-    if kind == "autoattack":
-        return common | {
-            "eps": _real(0.0, lo_open=True),
-            "version": _choice(("standard", "custom")),
-            "attacks": (
-                lambda v: isinstance(v, tuple | list) and all(a in autoattack.ATTACKS for a in v),
-                f"a tuple of names of {autoattack.ATTACKS}",
-            ),
-            "num_examples": _integer(1, or_value=-1),
-            "params": _choice(("best_by", "all")),
-            "apgd_iters": _integer(1),
-            "fab_iters": _integer(1),
-            "targets": _integer(1),
-            "square_queries": _integer(1),
-        }
-    return {}
-
-
-def field_checks() -> dict[str, Check]:
-    """dotted field -> (predicate, requirement) for every field of base_config()."""
-    from score_jax.models import ACTIVATIONS, CONV_IMPLS, INIT_SCHEMES, MODEL_NAMES
-
-    return {
-        "seed": _integer(0),
-        "batch_size": _integer(1),
-        "eval_batch_size": _integer(1),
-        "num_epochs": _real(0.0),
-        "num_train_steps": _integer(1, or_value=-1),
-        "log_every_steps": _integer(1),
-        "eval_every_epochs": _integer(0),
-        "checkpoint_every_steps": _integer(1),
-        "keep_checkpoints": _integer(1),
-        "best_by": _choice(("ema", "raw")),
-        "resume_ignore_mismatch": _BOOL,
-        "resume_fallback": _BOOL,
-        "resume_extend": _BOOL,
-        "init_from": _STRING,
-        "sync_batch_stats": _BOOL,
-        "progress_bar": _BOOL,
-        "dataset.name": _choice(DATASET_NAMES),
-        "dataset.data_dir": _STRING,
-        "dataset.num_validation": _integer(0),
-        "dataset.ddpm_path": _STRING,
-        "dataset.real_fraction": _real(0.0, 1.0, lo_open=True),
-        "dataset.validation_order": _choice(VALIDATION_ORDERS),
-        "dataset.epoch_size": _integer(0),
-        "augment.crop_padding": _integer(0),
-        "augment.flip": _BOOL,
-        "augment.rotation_degrees": _real(0.0, 180.0),
-        "model.name": _choice(MODEL_NAMES),
-        "model.activation": _choice(("", *ACTIVATIONS)),
-        "model.conv_impl": _choice(CONV_IMPLS),
-        "model.dtype": _choice(("float32", "bfloat16")),
-        "model.init_scheme": _choice(INIT_SCHEMES),
-        "loss.type": _choice(("trades", "pgd_at")),
-        "loss.kind": _choice(losses.DIVERGENCES),
-        "loss.beta": _real(0.0),
-        "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
-        "loss.clip_clean": _BOOL,
-        "loss.label_smoothing": _PROB,
-        **_attack_checks(),
-        "eval.select_by": (
-            lambda v: (
-                isinstance(v, tuple | list) and len(v) > 0 and all(isinstance(n, str) for n in v)
-            ),
-            "a non-empty tuple of config.eval evaluator names",
-        ),
-        "eval.select_ties": _choice(("strict", "later")),
-        "optim.learning_rate": _real(0.0, lo_open=True),
-        "optim.momentum": _PROB,
-        "optim.nesterov": _BOOL,
-        "optim.weight_decay": _real(0.0),
-        "optim.weight_decay_batchnorm": _BOOL,
-        "optim.grad_clip_norm": _real(0.0, lo_open=True, none=True),
-        "optim.schedule": _choice(optim.SCHEDULES),
-        "optim.lr_boundaries_epochs": (
-            _lr_boundaries_ok,
-            "a non-decreasing sequence of finite numbers >= 0",
-        ),
-        "optim.lr_decay_factor": _real(0.0, lo_open=True),
-        "optim.warmup_fraction": _FRACTION,
-        "optim.warmup_div": _real(0.0, lo_open=True),
-        "optim.final_div_factor": _real(0.0, lo_open=True),
-        "optim.schedule_unit": _choice(optim.SCHEDULE_UNITS),
-        "optim.cycle_momentum": _BOOL,
-        "optim.base_momentum": _PROB,
-        "optim.max_momentum": _PROB,
-        "ema.decay": _PROB,
-        "ema.warmup_fraction": _FRACTION,
-        "autoattack.num_examples": _integer(1, or_value=-1),
-        "autoattack.batch_size": _integer(1),
-        "autoattack.version": _choice(AUTOATTACK_VERSIONS),
-        "autoattack.attacks": (_aa_attacks_ok, f"a sequence of names of {AUTOATTACK_NAMES}"),
-    }
-
-
-# Fields that take any value (none today: even paths are type-checked).
-FREE_FORM: tuple[str, ...] = ()
-
-
-def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-    """{dotted field: value} of every leaf of `config`."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(leaves(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def is_checked(field: str, config: ml_collections.ConfigDict) -> bool:
-    """Whether validate() checks `field` of `config` (or it is listed as FREE_FORM)."""
-    from score_jax import evaluate, models
-
-    if field in field_checks() or field in FREE_FORM:
-        return True
-    section, _, name = field.partition(".")
-    if section == "model":
-        return name in models.model_fields(config.model.name)
-    if section in ("eval", "test"):
-        evaluator, _, key = name.partition(".")
-        spec = evaluate.evaluator_specs(config[section]).get(evaluator)
-        return spec is not None and key in evaluator_checks(spec.get("kind", ""))
-    return False
-
-
-def _check_model(config: ml_collections.ConfigDict) -> None:
-    """config.model's own fields: each a field of the model, a positive int (or tuple of them)."""
-    from score_jax import models
-
-    fields = models.model_fields(config.model.name)
-    for key, value in config.model.items():
-        if key in _MODEL_RESERVED:
-            continue
-        _require(
-            key in fields,
-            f"config.model.{key} is not a field of model {config.model.name!r}; valid: {fields}",
-        )
-        values = value if isinstance(value, tuple | list) else (value,)
-        _require(
-            all(_is_int(v) and v >= 1 for v in values) and len(values) > 0,
-            f"config.model.{key}={value!r} must be a positive integer (or a tuple of them)",
-        )
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ConfigError with one line naming the first bad field; checks every field of the
-    table, the model's fields, then the relations between fields."""
-    values = leaves(config)
-    for field, (ok, requirement) in field_checks().items():
-        if field in values and not ok(values[field]):
-            raise ConfigError(f"config.{field}={values[field]!r} must be {requirement}")
-    _check_model(config)
-    _require(
-        config.attack.step_size > 0 or config.attack.num_steps == 0,
-        f"config.attack.step_size={config.attack.step_size} must be > 0 "
-        f"(num_steps={config.attack.num_steps})",
-    )
-    _check_evaluators(config)
-    o = config.optim
-    _require(
-        not o.cycle_momentum or o.schedule == "one_cycle",
-        "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
-    )
-    _require(
-        o.base_momentum <= o.max_momentum,
-        f"config.optim.base_momentum={o.base_momentum} must be <= config.optim.max_momentum="
-        f"{o.max_momentum}",
-    )
-    for field in ("batch_size", "eval_batch_size"):
-        _require(
-            config[field] % num_devices == 0,
-            f"config.{field}={config[field]} must be a positive multiple of the device "
-            f"count {num_devices}",
-        )
-    _require(
-        config.num_epochs > 0 or config.num_train_steps > 0,
-        "config.num_epochs or config.num_train_steps must be > 0",
-    )
-    # real_fraction < 1 needing config.dataset.ddpm_path is checked when the data loads (the
-    # DDPM configs ship without the path, which each user sets).
-    aa = config.get("autoattack")
-    if aa is not None:
-        custom = [a for a in ((aa.attacks,) if isinstance(aa.attacks, str) else aa.attacks) if a]
-        _require(
-            aa.version != "custom" or bool(custom),
-            "config.autoattack.attacks must list attacks for config.autoattack.version='custom'",
-        )
-        _require(
-            aa.version == "custom" or not custom,
-            f"config.autoattack.attacks is only used with version='custom' (got {aa.version!r})",
-        )
-
-
-def _check_evaluators(config: ml_collections.ConfigDict) -> None:
-    """config.eval / config.test: each evaluator's fields by its kind, then select_by."""
-    from score_jax import evaluate
-
-    for section in ("eval", "test"):
-        for key, value in config[section].items():
-            if not isinstance(value, ml_collections.ConfigDict):
-                _require(
-                    section == "eval" and key in ("select_by", "select_ties"),
-                    f"config.{section}.{key} is neither an evaluator nor a setting of "
-                    f"config.{section}",
-                )
-        for name, e in evaluate.evaluator_specs(config[section]).items():
-            f = f"config.{section}.{name}"
-            kind = e.get("kind")
-            _require(kind in evaluate.KINDS, f"{f}.kind={kind!r}; valid: {evaluate.KINDS}")
-            checks = evaluator_checks(kind)
-            for k, v in e.items():
-                _require(k in checks, f"{f}.{k} is not a field of a {kind!r} evaluator")
-                ok, requirement = checks[k]
-                _require(ok(v), f"{f}.{k}={v!r} must be {requirement}")
-            missing = [k for k in checks if k not in e]
-            _require(not missing, f"{f} lacks {missing}")
-            if kind == "pgd":
-                _require(
-                    e.step_size > 0 or e.num_steps == 0,
-                    f"{f}.step_size={e.step_size} must be > 0 (num_steps={e.num_steps})",
-                )
-            if kind == "autoattack":
-                _require(
-                    (e.version == "custom") == bool(e.attacks),
-                    f"{f}.attacks={tuple(e.attacks)!r}: a non-empty tuple with version='custom' "
-                    "only",
-                )
-                _require(e.targets <= 9, f"{f}.targets={e.targets} must be <= 9 (AutoAttack's)")
-    names = (*evaluate.evaluator_specs(config.eval), evaluate.CLEAN)
-    select_by = config.eval.get("select_by")  # None in a config.json written before evaluators
-    _require(
-        isinstance(select_by, tuple | list) and len(select_by) > 0,
-        f"config.eval.select_by={select_by!r} must be a non-empty tuple of config.eval evaluators",
-    )
-    unknown = [n for n in select_by if n not in names]
-    _require(
-        not unknown, f"config.eval.select_by names unknown evaluators {unknown}; valid: {names}"
-    )
-
-
-# --- One line for a bad --config flag (main.parse_flags) -------------------------------------
-
-
-def _config_arg(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.removeprefix("--config=")
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def explain_flag_error(argv: list[str], error: Exception) -> str:
-    """One line for a flag error: a variant the config file does not take, an override of a
-    field the config does not have, else the error's last line (not an embedded traceback)."""
-    spec = _config_arg(argv)
-    if spec:
-        path, _, variant = spec.partition(":")
-        try:
-            module_spec = importlib.util.spec_from_file_location("_score_config", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-            takes_variant = bool(inspect.signature(module.get_config).parameters)
-        except Exception:  # noqa: BLE001 - reported below as the original error
-            module = None
-        if module is not None:
-            if variant and not takes_variant:
-                return f"--config {spec}: {path} has no variants (got {variant!r})"
-            try:
-                config = module.get_config(variant) if variant else module.get_config()
-            except Exception as e:  # noqa: BLE001 - a bad variant: the config file's own message
-                return f"--config {spec}: {' '.join(str(e).split())}"
-            fields = leaves(config)
-            sections = {f.split(".")[0] for f in fields}
-            for arg in argv:
-                name = arg.removeprefix("--config.").split("=")[0]
-                if arg.startswith("--config.") and name not in fields:
-                    section = name.split(".")[0]
-                    unknown = f"field {name!r}" if section in sections else f"section {section!r}"
-                    return f"{arg}: config.{name} is not a field of {path} (unknown {unknown})"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(error).__name__

@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from score_jax import config_lib, trainer
+from score_jax import config_checks, trainer
 from score_jax.errors import ScoreError
 
 FLAGS = flags.FLAGS
@@ -81,7 +81,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-        reason = config_lib.explain_flag_error(argv, e)
+        reason = config_checks.explain_flag_error(argv, e)
         sys.exit(f"score_jax: error: bad flag or config override: {reason}")
 
 

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from score_jax import attacks, data, losses, optim
 
 AXIS = "batch"
-LOSS_TYPES = ("trades", "pgd_at")
+LOSS_METHODS = ("trades", "pgd_at")
 
 
 class TrainState(train_state.TrainState):
@@ -107,8 +107,8 @@ def adversarial_examples(
     mode = ac.batchnorm
     if mode not in ATTACK_BATCHNORM:
         raise ValueError(f"config.attack.batchnorm must be one of {ATTACK_BATCHNORM}, got {mode!r}")
-    if lc.type not in LOSS_TYPES:
-        raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
+    if lc.method not in LOSS_METHODS:
+        raise ValueError(f"config.loss.method must be one of {LOSS_METHODS}, got {lc.method!r}")
 
     def logits_fn(inputs: jax.Array, stats: Any) -> tuple[jax.Array, Any]:
         if mode == "eval":
@@ -118,20 +118,20 @@ def adversarial_examples(
         return logits, (new_stats if mode == "batch_update" else stats)
 
     stats = state.batch_stats
-    if lc.type == "trades":
+    if lc.method == "trades":
         logits_nat, stats = logits_fn(x, stats)
         p_nat = jax.lax.stop_gradient(jax.nn.softmax(logits_nat.astype(jnp.float32)))
 
         def objective(inputs, s):
             logits, s = logits_fn(inputs, s)
-            return losses.divergence_from_logits(p_nat, logits, lc.kind), s
+            return losses.divergence_from_logits(p_nat, logits, lc.divergence), s
 
     else:
 
         def objective(inputs, s):
             logits, s = logits_fn(inputs, s)
             per_example = losses.pgd_at_per_example(
-                logits, labels, kind=lc.kind, label_smoothing=lc.label_smoothing
+                logits, labels, kind=lc.divergence, label_smoothing=lc.label_smoothing
             )
             return per_example, s
 
@@ -165,7 +165,7 @@ def make_loss_fn(
     """
     lc = config.loss
     clip_c = lc.get("clip_c")
-    if lc.type == "trades":
+    if lc.method == "trades":
 
         def loss_fn(params):
             logits_nat, stats = apply_train(model, params, batch_stats, x)
@@ -175,13 +175,17 @@ def make_loss_fn(
                 logits_adv,
                 labels,
                 beta=lc.beta,
-                kind=lc.kind,
+                kind=lc.divergence,
                 clip_c=clip_c,
                 clip_clean=lc.clip_clean,
                 label_smoothing=lc.label_smoothing,
             )
             natural, robust = losses.trades_terms(
-                logits_nat, logits_adv, labels, kind=lc.kind, label_smoothing=lc.label_smoothing
+                logits_nat,
+                logits_adv,
+                labels,
+                kind=lc.divergence,
+                label_smoothing=lc.label_smoothing,
             )
             aux = {
                 "natural": jnp.mean(natural),
@@ -192,17 +196,21 @@ def make_loss_fn(
             return jnp.mean(per_example), (stats, aux)
 
         return loss_fn
-    if lc.type == "pgd_at":
+    if lc.method == "pgd_at":
 
         def loss_fn(params):
             logits_adv, stats = apply_train(model, params, batch_stats, x_adv)
             loss = losses.pgd_at_loss(
-                logits_adv, labels, kind=lc.kind, clip_c=clip_c, label_smoothing=lc.label_smoothing
+                logits_adv,
+                labels,
+                kind=lc.divergence,
+                clip_c=clip_c,
+                label_smoothing=lc.label_smoothing,
             )
             return loss, (stats, {"adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels))})
 
         return loss_fn
-    raise ValueError(f"config.loss.type must be one of {LOSS_TYPES}, got {lc.type!r}")
+    raise ValueError(f"config.loss.method must be one of {LOSS_METHODS}, got {lc.method!r}")
 
 
 def update(

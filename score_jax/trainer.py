@@ -356,8 +356,8 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
     logging.info(
         "Training %s (%s-%s) for %d steps (%d per epoch) on %d devices from step %d",
         config.model.name,
-        config.loss.type,
-        config.loss.kind,
+        config.loss.method,
+        config.loss.divergence,
         num_steps,
         setup.steps_per_epoch,
         setup.mesh.size,

@@ -50,7 +50,7 @@ def test_loss_table_quick(quick_table):
     rows = r["rows"]
     assert list(rows) == list(loss_table.QUICK_ROWS)
     for row in rows.values():
-        assert row["clip_c"] is None and row["kind"] == "se"
+        assert row["clip_c"] is None and row["divergence"] == "se"
         for metric in loss_table.METRICS:
             assert len(row[metric]["values"]) == 1 and row[metric]["std"] == 0.0
             assert all(0.0 <= v <= 1.0 for v in row[metric]["values"])
@@ -124,13 +124,18 @@ def test_loss_table_rows_and_clip_thresholds():
     from score_jax import losses
 
     assert len(loss_table.DEFAULT_ROWS) == 12
-    kinds = {loss_table.ROWS[n].kind for n in loss_table.DEFAULT_ROWS}
+    kinds = {loss_table.ROWS[n].divergence for n in loss_table.DEFAULT_ROWS}
     assert kinds == set(losses.DIVERGENCES)
     pgd_clip, trades_clip = loss_table.ROWS["pgd_at-se-clip"], loss_table.ROWS["trades-se-clip"]
     assert losses.clip_bound(pgd_clip.clip_c, 10, "se") == pytest.approx(0.1778, abs=1e-4)
     assert losses.clip_bound(trades_clip.clip_c, 10, "se") == pytest.approx(0.1, abs=1e-6)
     config = loss_table.make_config(loss_table.ROWS["trades-kl"], 2, loss_table.FULL)
-    assert (config.seed, config.loss.type, config.loss.kind, config.optim.learning_rate) == (
+    assert (
+        config.seed,
+        config.loss.method,
+        config.loss.divergence,
+        config.optim.learning_rate,
+    ) == (
         2,
         "trades",
         "kl",

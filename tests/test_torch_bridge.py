@@ -197,15 +197,15 @@ def test_autoattack_end_to_end_and_bad_exports(tmp_path):
     config.update_from_flattened_dict(E2E_OVERRIDES)
     trainer.train_and_evaluate(config, str(workdir))  # in-process: one JAX start-up less
     args = ["--config", "configs/digits.py", "--workdir", str(workdir)]
-    args += [f"--config.{k}={v}" for k, v in E2E_OVERRIDES.items()]
     num = 32
-    out = _cli(
-        *args,
-        "--mode", "autoattack",
-        f"--config.autoattack.num_examples={num}",
-        "--config.autoattack.version=custom",
-        "--config.autoattack.attacks=('apgd-ce', 'apgd-t')",
-    )  # fmt: skip
+    overrides = {
+        **E2E_OVERRIDES,
+        "test.autoattack.num_examples": num,
+        "test.autoattack.version": "custom",
+        "test.autoattack.attacks": "('apgd-ce', 'apgd-t')",
+    }  # each field once: a repeated tuple flag appends
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    out = _cli(*args, "--mode", "autoattack")
     assert out.returncode == 0, out.stderr
     print(out.stdout)
     assert "robust accuracy after APGD-CE" in out.stdout  # AutoAttack's progress lines
@@ -284,11 +284,12 @@ def test_custom_attacks_validation():
     from score_jax import config_lib
     from score_jax.torch_bridge.autoattack_eval import custom_attacks
 
-    aa = config_lib.base_config().autoattack
-    assert (aa.num_examples, aa.batch_size, aa.version) == (-1, 256, "standard")
+    config = config_lib.base_config()
+    aa = config.test.autoattack
+    assert (aa.num_examples, config.eval_batch_size, aa.version) == (-1, 256, "standard")
     assert custom_attacks(aa) == []
     aa.version = "custom"
-    with pytest.raises(ValueError, match="config.autoattack.attacks must list"):
+    with pytest.raises(ValueError, match="config.test.autoattack.attacks must list"):
         custom_attacks(aa)
     aa.attacks = ("apgd-ce,apgd-t",)
     assert custom_attacks(aa) == ["apgd-ce", "apgd-t"]

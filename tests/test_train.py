@@ -35,7 +35,7 @@ def tiny_config(loss_type: str = "trades", **overrides):
     c.eval_every_epochs = 0
     c.log_every_steps = 2
     c.progress_bar = False
-    c.loss.type = loss_type
+    c.loss.method = loss_type
     c.attack.init = "normal" if loss_type == "trades" else "uniform"
     c.update_from_flattened_dict(AUTOATTACK_QUICK)
     c.update_from_flattened_dict(overrides)
@@ -157,8 +157,8 @@ def test_unwritable_workdir(tmp_path):
         ("attack.step_size", 0.0),
         ("loss.beta", -1.0),
         ("loss.clip_c", 1.0),
-        ("loss.kind", "hellinger"),
-        ("loss.type", "mart"),
+        ("loss.divergence", "hellinger"),
+        ("loss.method", "mart"),
         ("dataset.name", "mnist"),
         ("model.name", "vit"),
         ("dataset.real_fraction", 0.0),
@@ -186,8 +186,8 @@ def test_batch_must_divide_device_count():
         ("digits", None),
         ("cifar10_basic", "trades-se"),
         ("cifar10_basic", "pgd_at-kl"),
-        ("cifar10_basic", "pgd_at-se-clip"),
-        ("cifar10_basic", "trades-se-clip-l2"),
+        ("cifar10_basic", "pgd_at-se,clip"),
+        ("cifar10_basic", "trades-se,clip,l2"),
         ("cifar10_ddpm", ""),
         ("cifar10_ddpm", "beta3,l2"),
         ("cifar100_ddpm", ""),
@@ -197,9 +197,9 @@ def test_batch_must_divide_device_count():
 def test_configs_are_valid_and_build(name, variant):
     config = load_config(name, variant)
     config_lib.validate(config, num_devices=4)
-    assert config.loss.kind in ("se", "kl")
+    assert config.loss.divergence in ("se", "kl")
     if name.startswith("cifar10_basic"):
-        assert config.optim.learning_rate == (0.1 if config.loss.kind == "kl" else 0.05)
+        assert config.optim.learning_rate == (0.1 if config.loss.divergence == "kl" else 0.05)
         assert (config.batch_size, config.num_epochs) == (128, 110)
     if "ddpm" in name:
         assert (config.batch_size, config.num_epochs, config.optim.learning_rate) == (512, 400, 0.2)
@@ -210,8 +210,8 @@ def test_configs_are_valid_and_build(name, variant):
 def test_paper_clip_thresholds_in_basic_config():
     from score_jax import losses
 
-    pgd = load_config("cifar10_basic", "pgd_at-se-clip")
-    trades = load_config("cifar10_basic", "trades-se-clip")
+    pgd = load_config("cifar10_basic", "pgd_at-se,clip")
+    trades = load_config("cifar10_basic", "trades-se,clip")
     assert losses.clip_bound(pgd.loss.clip_c, 10, "se") == pytest.approx(0.1778, abs=1e-4)
     assert losses.clip_bound(trades.loss.clip_c, 10, "se") == pytest.approx(0.1, abs=1e-6)
 
@@ -238,7 +238,7 @@ def _shrink_to_smoke(c):
 
 
 def test_cifar_basic_config_runs_two_steps_on_mock_data(tmp_path, mock_tfds):
-    config = _shrink_to_smoke(load_config("cifar10_basic", "pgd_at-se-clip"))
+    config = _shrink_to_smoke(load_config("cifar10_basic", "pgd_at-se,clip"))
     with mock_tfds(num_examples=24):
         results = trainer.train_and_evaluate(config, str(tmp_path))
     assert results["step"] == 2 and results["test_raw"]["num_examples"] == 24

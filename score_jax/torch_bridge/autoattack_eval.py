@@ -18,39 +18,46 @@ import ml_collections
 import numpy as np
 import torch
 
-from score_jax import checkpoint, config_lib, data, trainer, workdir_io
+from score_jax import autoattack, checkpoint, data, trainer, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
 from score_jax.torch_bridge import convert, export
 
 RESULTS_FILE = "autoattack.json"
-VERSIONS = config_lib.AUTOATTACK_VERSIONS
-ATTACK_NAMES = config_lib.AUTOATTACK_NAMES
+VERSIONS = ("standard", "custom")  # config.test.autoattack's (score_jax.autoattack's)
+ATTACK_NAMES = autoattack.ATTACKS  # the JAX suite's; pyautoattack has each of them
 NORMS = {"linf": "Linf", "l2": "L2"}
 PGD_STEPS = 20
+SPEC = "config.test.autoattack"
+
+
+def autoattack_spec(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.test.autoattack, the one AutoAttack spec: the JAX evaluator's after training and
+    --mode autoattack's (version, attacks, num_examples, eps, norm; pyautoattack keeps its own
+    iteration counts, the reference's)."""
+    spec = config.test.get("autoattack")
+    if not isinstance(spec, ml_collections.ConfigDict) or spec.get("kind") != "autoattack":
+        raise ConfigError(f"{SPEC} must be an 'autoattack' evaluator for --mode autoattack")
+    return spec
 
 
 def custom_attacks(aa: ml_collections.ConfigDict) -> list[str]:
-    """config.autoattack.attacks as a list (entries may also be comma-separated); validated."""
+    """config.test.autoattack.attacks as a list (entries may also be comma-separated); validated."""
     version = aa.version
     if version not in VERSIONS:
-        raise ConfigError(f"config.autoattack.version={version!r}; valid: {', '.join(VERSIONS)}")
+        raise ConfigError(f"{SPEC}.version={version!r}; valid: {', '.join(VERSIONS)}")
     raw = aa.get("attacks", ()) or ()
     if isinstance(raw, str):
         raw = (raw,)
     attacks = [a.strip() for item in raw for a in str(item).split(",") if a.strip()]
     bad = [a for a in attacks if a not in ATTACK_NAMES]
     if bad:
-        raise ConfigError(f"config.autoattack.attacks has unknown {bad}; valid: {ATTACK_NAMES}")
+        raise ConfigError(f"{SPEC}.attacks has unknown {bad}; valid: {ATTACK_NAMES}")
     if version == "custom" and not attacks:
-        raise ConfigError("config.autoattack.attacks must list attacks for version='custom'")
+        raise ConfigError(f"{SPEC}.attacks must list attacks for version='custom'")
     if version != "custom" and attacks:
-        raise ConfigError(
-            f"config.autoattack.attacks is only used with version='custom' (got {version!r})"
-        )
-    if aa.batch_size <= 0:
-        raise ConfigError(f"config.autoattack.batch_size={aa.batch_size} must be > 0")
+        raise ConfigError(f"{SPEC}.attacks is only used with version='custom' (got {version!r})")
     if aa.num_examples == 0 or aa.num_examples < -1:
-        raise ConfigError(f"config.autoattack.num_examples={aa.num_examples}: -1 (all) or > 0")
+        raise ConfigError(f"{SPEC}.num_examples={aa.num_examples}: -1 (all) or > 0")
     return attacks
 
 
@@ -130,7 +137,7 @@ def _stale(meta: dict[str, Any], workdir: str) -> str:
 def run_autoattack(
     config: ml_collections.ConfigDict, workdir: str, params: str = "auto"
 ) -> dict[str, Any]:
-    """AutoAttack and JAX PGD-20 accuracy on the first config.autoattack.num_examples test
+    """AutoAttack and JAX PGD-20 accuracy on the first config.test.autoattack.num_examples test
     examples, of <workdir>/export (exported first, with `params`, if missing; "auto":
     config.best_by, the parameters selection used)."""
     from pyautoattack import AutoAttack
@@ -140,12 +147,13 @@ def run_autoattack(
             "--mode autoattack runs in a single process: start it without --distributed / "
             "--coordinator_address (it reads the checkpoint that all processes wrote)"
         )
-    aa = config.autoattack
+    aa = autoattack_spec(config)
     attacks = custom_attacks(aa)
     params = export.resolve_params(config, params)
     pgd_spec = pgd20_spec(config)
-    if config.attack.norm not in NORMS:
-        raise ConfigError(f"config.attack.norm={config.attack.norm!r}: AutoAttack needs linf or l2")
+    if aa.norm not in NORMS:
+        raise ConfigError(f"{SPEC}.norm={aa.norm!r}: AutoAttack needs linf or l2")
+    batch_size = int(config.eval_batch_size)
     out_dir = export.export_dir(workdir)
     if not all(
         workdir_io.exists(workdir_io.join(out_dir, f))
@@ -177,8 +185,8 @@ def run_autoattack(
     x = torch.from_numpy(split.images.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(split.labels.astype(np.int64))
 
-    clean = (_predict(model, x, aa.batch_size, device) == y).float().mean().item()
-    norm, eps = NORMS[config.attack.norm], float(config.attack.eps)
+    clean = (_predict(model, x, batch_size, device) == y).float().mean().item()
+    norm, eps = NORMS[aa.norm], float(aa.eps)
     adversary = AutoAttack(
         model,
         norm=norm,
@@ -196,7 +204,7 @@ def run_autoattack(
     )
     start = time.perf_counter()
     with _autoattack_log_to_stdout():
-        x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=int(aa.batch_size))
+        x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     seconds = time.perf_counter() - start
     robust = (y_adv.cpu() == y).float().mean().item()
     linf = (x_adv.cpu() - x).abs().reshape(n, -1).max(1)[0].max().item()

@@ -1,0 +1,404 @@
+"""Validation of a config: one check per field, the relations between fields, old names.
+
+field_checks() maps each dotted field to (predicate, requirement); validate() reports the first
+failing field as "config.<field>=<value> must be <requirement>", a renamed field with its new
+name (RENAMED). explain_flag_error() turns a bad `--config...` flag into one line.
+"""
+
+import importlib.util
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from score_jax import attacks, losses, optim
+from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
+from score_jax.errors import ConfigError
+
+# Old field -> its new one: refused with this hint in a config, a --config.<old>=... flag; a
+# checkpoint's fingerprint written before the rename is read with the new names.
+RENAMED = {
+    "loss.type": "loss.method",
+    "loss.kind": "loss.divergence",
+    "autoattack.num_examples": "test.autoattack.num_examples",
+    "autoattack.version": "test.autoattack.version",
+    "autoattack.attacks": "test.autoattack.attacks",
+    "autoattack.batch_size": "eval_batch_size",
+}
+# An old section -> what replaced it.
+MERGED = {"autoattack": "test.autoattack (one AutoAttack spec, also read by --mode autoattack)"}
+
+
+def renamed_hint(field: str) -> str | None:
+    """The hint 'config.<old> was renamed: use <new>' for an old field (or an old section's)."""
+    new = RENAMED.get(field) or MERGED.get(field.partition(".")[0])
+    return None if new is None else f"config.{field} was renamed: use config.{new}"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# A field in no table is a defect (tests/test_bad_inputs.py walks every shipped config): add a
+# check or list it in FREE_FORM. The model's own fields (model.width, ...) are _check_model's.
+
+_MODEL_RESERVED = ("name", "activation", "conv_impl", "dtype", "init_scheme")
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(lo: int, *, or_value: int | None = None) -> Check:
+    text = f"an integer >= {lo}" + ("" if or_value is None else f" (or {or_value})")
+    return (lambda v: _is_int(v) and (v >= lo or v == or_value)), text
+
+
+def _real(lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False, none=False) -> Check:
+    def ok(v: Any) -> bool:
+        if v is None:
+            return none
+        if not _is_real(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+    return ok, f"a finite number in {interval}" + (" or None" if none else "")
+
+
+def _choice(options: Sequence[str]) -> Check:
+    options = tuple(options)
+    return (lambda v: isinstance(v, str) and v in options), f"one of {options}"
+
+
+_BOOL: Check = (lambda v: isinstance(v, bool), "True or False")
+_STRING: Check = (lambda v: isinstance(v, str), "a string")
+_PROB: Check = _real(0.0, 1.0, hi_open=True)  # [0, 1)
+_FRACTION: Check = _real(0.0, 1.0)  # [0, 1]
+
+
+def _lr_boundaries_ok(v: Any) -> bool:
+    return (
+        isinstance(v, tuple | list)
+        and all(_is_real(e) and e >= 0 for e in v)
+        and list(v) == sorted(v)
+    )
+
+
+def _attack_checks() -> dict[str, Check]:
+    from score_jax import train
+
+    return {
+        "attack.norm": _choice(attacks.NORMS),
+        "attack.eps": _real(0.0),
+        "attack.step_size": _real(0.0),
+        "attack.num_steps": _integer(0),
+        "attack.init": _choice(attacks.INITS),
+        "attack.batchnorm": _choice(train.ATTACK_BATCHNORM),
+        "attack.l2_rule": _choice(attacks.L2_RULES),
+    }
+
+
+def evaluator_checks(kind: str) -> dict[str, Check]:
+    """field -> check of an evaluator of `kind` (config.eval.<name> / config.test.<name>)."""
+    from score_jax import autoattack
+
+    common = {"kind": _choice((kind,)), "eps": _real(0.0), "norm": _choice(attacks.NORMS)}
+    if kind == "pgd":
+        return common | {
+            "objective": _choice(attacks.EVAL_OBJECTIVES),
+            "num_steps": _integer(0),
+            "step_size": _real(0.0),
+            "restarts": _integer(1),
+            "init": _choice(attacks.INITS),
+        }
+    if kind == "autoattack":
+        return common | {
+            "eps": _real(0.0, lo_open=True),
+            "version": _choice(("standard", "custom")),
+            "attacks": (
+                lambda v: isinstance(v, tuple | list) and all(a in autoattack.ATTACKS for a in v),
+                f"a tuple of names of {autoattack.ATTACKS}",
+            ),
+            "num_examples": _integer(1, or_value=-1),
+            "params": _choice(("best_by", "all")),
+            "apgd_iters": _integer(1),
+            "fab_iters": _integer(1),
+            "targets": _integer(1),
+            "square_queries": _integer(1),
+        }
+    return {}
+
+
+def field_checks() -> dict[str, Check]:
+    """dotted field -> (predicate, requirement) for every field of base_config()."""
+    from score_jax import train
+    from score_jax.models import ACTIVATIONS, CONV_IMPLS, INIT_SCHEMES, MODEL_NAMES
+
+    return {
+        "seed": _integer(0),
+        "batch_size": _integer(1),
+        "eval_batch_size": _integer(1),
+        "num_epochs": _real(0.0),
+        "num_train_steps": _integer(1, or_value=-1),
+        "log_every_steps": _integer(1),
+        "eval_every_epochs": _integer(0),
+        "checkpoint_every_steps": _integer(1),
+        "keep_checkpoints": _integer(1),
+        "best_by": _choice(("ema", "raw")),
+        "resume_ignore_mismatch": _BOOL,
+        "resume_fallback": _BOOL,
+        "resume_extend": _BOOL,
+        "init_from": _STRING,
+        "sync_batch_stats": _BOOL,
+        "progress_bar": _BOOL,
+        "dataset.name": _choice(DATASET_NAMES),
+        "dataset.data_dir": _STRING,
+        "dataset.num_validation": _integer(0),
+        "dataset.ddpm_path": _STRING,
+        "dataset.real_fraction": _real(0.0, 1.0, lo_open=True),
+        "dataset.validation_order": _choice(VALIDATION_ORDERS),
+        "dataset.epoch_size": _integer(0),
+        "augment.crop_padding": _integer(0),
+        "augment.flip": _BOOL,
+        "augment.rotation_degrees": _real(0.0, 180.0),
+        "model.name": _choice(MODEL_NAMES),
+        "model.activation": _choice(("", *ACTIVATIONS)),
+        "model.conv_impl": _choice(CONV_IMPLS),
+        "model.dtype": _choice(("float32", "bfloat16")),
+        "model.init_scheme": _choice(INIT_SCHEMES),
+        "loss.method": _choice(train.LOSS_METHODS),
+        "loss.divergence": _choice(losses.DIVERGENCES),
+        "loss.beta": _real(0.0),
+        "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
+        "loss.clip_clean": _BOOL,
+        "loss.label_smoothing": _PROB,
+        **_attack_checks(),
+        "eval.select_by": (
+            lambda v: (
+                isinstance(v, tuple | list) and len(v) > 0 and all(isinstance(n, str) for n in v)
+            ),
+            "a non-empty tuple of config.eval evaluator names",
+        ),
+        "eval.select_ties": _choice(("strict", "later")),
+        "optim.learning_rate": _real(0.0, lo_open=True),
+        "optim.momentum": _PROB,
+        "optim.nesterov": _BOOL,
+        "optim.weight_decay": _real(0.0),
+        "optim.weight_decay_batchnorm": _BOOL,
+        "optim.grad_clip_norm": _real(0.0, lo_open=True, none=True),
+        "optim.schedule": _choice(optim.SCHEDULES),
+        "optim.lr_boundaries_epochs": (
+            _lr_boundaries_ok,
+            "a non-decreasing sequence of finite numbers >= 0",
+        ),
+        "optim.lr_decay_factor": _real(0.0, lo_open=True),
+        "optim.warmup_fraction": _FRACTION,
+        "optim.warmup_div": _real(0.0, lo_open=True),
+        "optim.final_div_factor": _real(0.0, lo_open=True),
+        "optim.schedule_unit": _choice(optim.SCHEDULE_UNITS),
+        "optim.cycle_momentum": _BOOL,
+        "optim.base_momentum": _PROB,
+        "optim.max_momentum": _PROB,
+        "ema.decay": _PROB,
+        "ema.warmup_fraction": _FRACTION,
+    }
+
+
+# Fields that take any value (none today: even paths are type-checked).
+FREE_FORM: tuple[str, ...] = ()
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{dotted field: value} of every leaf of `config`."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def is_checked(field: str, config: ml_collections.ConfigDict) -> bool:
+    """Whether validate() checks `field` of `config` (or it is listed as FREE_FORM)."""
+    from score_jax import evaluate, models
+
+    if field in field_checks() or field in FREE_FORM:
+        return True
+    section, _, name = field.partition(".")
+    if section == "model":
+        return name in models.model_fields(config.model.name)
+    if section in ("eval", "test"):
+        evaluator, _, key = name.partition(".")
+        spec = evaluate.evaluator_specs(config[section]).get(evaluator)
+        return spec is not None and key in evaluator_checks(spec.get("kind", ""))
+    return False
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    """config.model's own fields: each a field of the model, a positive int (or tuple of them)."""
+    from score_jax import models
+
+    fields = models.model_fields(config.model.name)
+    for key, value in config.model.items():
+        if key in _MODEL_RESERVED:
+            continue
+        _require(
+            key in fields,
+            f"config.model.{key} is not a field of model {config.model.name!r}; valid: {fields}",
+        )
+        values = value if isinstance(value, tuple | list) else (value,)
+        _require(
+            all(_is_int(v) and v >= 1 for v in values) and len(values) > 0,
+            f"config.model.{key}={value!r} must be a positive integer (or a tuple of them)",
+        )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Raises ConfigError with one line naming the first bad field; checks every field of the
+    table, the model's fields, then the relations between fields."""
+    values = leaves(config)
+    hints = [h for h in map(renamed_hint, (*values, *config)) if h]
+    _require(not hints, hints[0] if hints else "")
+    for field, (ok, requirement) in field_checks().items():
+        if field in values and not ok(values[field]):
+            raise ConfigError(f"config.{field}={values[field]!r} must be {requirement}")
+    _check_model(config)
+    _require(
+        config.attack.step_size > 0 or config.attack.num_steps == 0,
+        f"config.attack.step_size={config.attack.step_size} must be > 0 "
+        f"(num_steps={config.attack.num_steps})",
+    )
+    _check_evaluators(config)
+    o = config.optim
+    _require(
+        not o.cycle_momentum or o.schedule == "one_cycle",
+        "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
+    )
+    _require(
+        o.base_momentum <= o.max_momentum,
+        f"config.optim.base_momentum={o.base_momentum} must be <= config.optim.max_momentum="
+        f"{o.max_momentum}",
+    )
+    for field in ("batch_size", "eval_batch_size"):
+        _require(
+            config[field] % num_devices == 0,
+            f"config.{field}={config[field]} must be a positive multiple of the device "
+            f"count {num_devices}",
+        )
+    _require(
+        config.num_epochs > 0 or config.num_train_steps > 0,
+        "config.num_epochs or config.num_train_steps must be > 0",
+    )
+    # real_fraction < 1 needing config.dataset.ddpm_path is checked when the data loads (the
+    # DDPM configs ship without the path, which each user sets).
+
+
+def _check_evaluators(config: ml_collections.ConfigDict) -> None:
+    """config.eval / config.test: each evaluator's fields by its kind, then select_by."""
+    from score_jax import evaluate
+
+    for section in ("eval", "test"):
+        for key, value in config[section].items():
+            if not isinstance(value, ml_collections.ConfigDict):
+                _require(
+                    section == "eval" and key in ("select_by", "select_ties"),
+                    f"config.{section}.{key} is neither an evaluator nor a setting of "
+                    f"config.{section}",
+                )
+        for name, e in evaluate.evaluator_specs(config[section]).items():
+            f = f"config.{section}.{name}"
+            kind = e.get("kind")
+            _require(kind in evaluate.KINDS, f"{f}.kind={kind!r}; valid: {evaluate.KINDS}")
+            checks = evaluator_checks(kind)
+            for k, v in e.items():
+                _require(k in checks, f"{f}.{k} is not a field of a {kind!r} evaluator")
+                ok, requirement = checks[k]
+                _require(ok(v), f"{f}.{k}={v!r} must be {requirement}")
+            missing = [k for k in checks if k not in e]
+            _require(not missing, f"{f} lacks {missing}")
+            if kind == "pgd":
+                _require(
+                    e.step_size > 0 or e.num_steps == 0,
+                    f"{f}.step_size={e.step_size} must be > 0 (num_steps={e.num_steps})",
+                )
+            if kind == "autoattack":
+                _require(
+                    e.version != "custom" or bool(e.attacks),
+                    f"{f}.attacks must list attacks for {f}.version='custom'",
+                )
+                _require(
+                    e.version == "custom" or not e.attacks,
+                    f"{f}.attacks={tuple(e.attacks)!r} is only used with version='custom' "
+                    f"(got {e.version!r})",
+                )
+                _require(e.targets <= 9, f"{f}.targets={e.targets} must be <= 9 (AutoAttack's)")
+    names = (*evaluate.evaluator_specs(config.eval), evaluate.CLEAN)
+    select_by = config.eval.get("select_by")  # None in a config.json written before evaluators
+    _require(
+        isinstance(select_by, tuple | list) and len(select_by) > 0,
+        f"config.eval.select_by={select_by!r} must be a non-empty tuple of config.eval evaluators",
+    )
+    unknown = [n for n in select_by if n not in names]
+    _require(
+        not unknown, f"config.eval.select_by names unknown evaluators {unknown}; valid: {names}"
+    )
+
+
+# --- One line for a bad --config flag (main.parse_flags) -------------------------------------
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=")
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def explain_flag_error(argv: list[str], error: Exception) -> str:
+    """One line for a flag error: a variant the config file does not take, an override of a
+    field the config does not have, else the error's last line (not an embedded traceback)."""
+    spec = _config_arg(argv)
+    if spec:
+        path, _, variant = spec.partition(":")
+        try:
+            module_spec = importlib.util.spec_from_file_location("_score_config", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            takes_variant = bool(inspect.signature(module.get_config).parameters)
+        except Exception:  # noqa: BLE001 - reported below as the original error
+            module = None
+        if module is not None:
+            if variant and not takes_variant:
+                return f"--config {spec}: {path} has no variants (got {variant!r})"
+            try:
+                config = module.get_config(variant) if variant else module.get_config()
+            except Exception as e:  # noqa: BLE001 - a bad variant: the config file's own message
+                return f"--config {spec}: {' '.join(str(e).split())}"
+            fields = leaves(config)
+            sections = {f.split(".")[0] for f in fields}
+            for arg in argv:
+                name = arg.removeprefix("--config.").split("=")[0]
+                if arg.startswith("--config.") and name not in fields:
+                    hint = renamed_hint(name)
+                    if hint:
+                        return f"{arg}: {hint}"
+                    section = name.split(".")[0]
+                    unknown = f"field {name!r}" if section in sections else f"section {section!r}"
+                    return f"{arg}: config.{name} is not a field of {path} (unknown {unknown})"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
