@@ -195,6 +195,50 @@ def test_apgd_from_the_same_start_follows_the_reference(digits_model, norm, eps)
     assert size.max() <= eps + 1e-5
 
 
+@pytest.mark.parametrize("attack", ["apgd-t", "fab-t"])  # apgd-ce: the same apgd_run
+def test_early_stop_keeps_the_flags_and_stops(digits_model, attack):
+    """`early_stop` ends a run once no example is left: on a batch with survivors the flags are
+    those of the full runs; on a batch that breaks at once the model is called far less often."""
+    ds, model, variables, _ = digits_model
+    calls = []
+
+    def logits_fn(z):
+        jax.debug.callback(lambda: calls.append(1))
+        return model.apply(variables, z, train=False)
+
+    x = ds.test.images[:64].astype(np.float32) / 255.0
+    y = ds.test.labels[:64].astype(np.int32)
+    options = dict(n_iter=20, n_target_classes=3)
+
+    def flags(x, y, eps, early_stop):
+        calls.clear()
+        run = jax.jit(
+            lambda: autoattack.run_attack(
+                attack,
+                logits_fn,
+                x,
+                y,
+                jax.random.key(1),
+                eps=eps,
+                norm="linf",
+                early_stop=early_stop,
+                **options,
+            )[1]
+        )
+        out = np.asarray(run())
+        jax.effects_barrier()
+        return out, len(calls)
+
+    full, _ = flags(x, y, EPS, False)
+    early, _ = flags(x, y, EPS, True)
+    assert 0 < full.sum() < len(full)
+    np.testing.assert_array_equal(early, full)
+    broken_full, n_full = flags(x[:8], y[:8], 0.5, False)
+    broken_early, n_early = flags(x[:8], y[:8], 0.5, True)
+    assert not broken_full.any() and not broken_early.any()
+    assert n_early < n_full / 4
+
+
 # ---------------------------------------------------------------- parity of each stage
 
 

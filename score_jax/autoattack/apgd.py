@@ -1,6 +1,6 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD-CE and targeted APGD on the DLR loss (APGD-T).
 
-One run (`apgd_run`) is a `lax.fori_loop` of `n_iter` steps, following pyautoattack's
+One run (`apgd_run`) is a `lax.while_loop` of `n_iter` steps, following pyautoattack's
 `APGDAttack.attack_single_run` for Linf and L2:
 
   start    x_0 = clip(x + eps t/||t||), t ~ U(-1, 1)^d (Linf) or N(0, 1)^d (L2), step eta = 2 eps
@@ -116,12 +116,15 @@ def apgd_run(
     n_iter: int = 100,
     rho: float = 0.75,
     x_init: Array | None = None,
+    active: Array | None = None,
 ) -> tuple[Array, Array]:
     """One APGD run maximising sum_i loss_fn(logits_fn(x'), labels)_i; returns (x_adv, robust).
 
     robust[i] is False when some iterate of example i was misclassified; x_adv is then the last
     such iterate. `keys` holds one PRNG key per example (typed or raw uint32); `x_init`, when
-    given, replaces the random start (as the reference's `x_init`).
+    given, replaces the random start (as the reference's `x_init`). With `active` (a mask), the
+    run stops once no active example is robust: the flags are those of all n_iter iterations,
+    x_adv of a broken example may be an earlier misclassified iterate.
     """
     if norm not in NORMS:
         raise ValueError(f"apgd norm must be one of {NORMS}, got {norm!r}")
@@ -154,6 +157,7 @@ def apgd_run(
     batch = x.shape[0]
 
     state = dict(
+        i=jnp.int32(0),
         x_adv=x_adv,
         x_old=x_adv,
         grad=grad0,
@@ -168,7 +172,8 @@ def apgd_run(
         reduced_last=jnp.ones((batch,), bool),
     )
 
-    def body(i: Array, s: dict) -> dict:
+    def body(s: dict) -> dict:
+        i = s["i"]
         x_k, grad = s["x_adv"], s["grad"]
         grad2 = x_k - s["x_old"]
         a = jnp.where(i > 0, MOMENTUM, 1.0)
@@ -198,6 +203,7 @@ def apgd_run(
         halve = (k > 0) & (osc | no_impr)
         at_check = k > 0
         return dict(
+            i=i + 1,
             x_adv=jnp.where(_bcast(halve, x), x_best, x_new),
             x_old=x_k,
             grad=jnp.where(_bcast(halve, x), grad_best, grad),
@@ -212,7 +218,11 @@ def apgd_run(
             reduced_last=jnp.where(at_check, osc | no_impr, s["reduced_last"]),
         )
 
-    s = jax.lax.fori_loop(0, n_iter, body, state)
+    def cond(s: dict) -> Array:
+        left = True if active is None else jnp.any(s["robust"] & active)
+        return (s["i"] < n_iter) & left
+
+    s = jax.lax.while_loop(cond, body, state)
     return jax.lax.stop_gradient(s["x_best_adv"]), s["robust"]
 
 
@@ -224,8 +234,8 @@ def _runs(
     num_runs: int,
     first: Array | int = 0,
 ) -> tuple[Array, Array]:
-    """Runs run(r, keys_r) for first <= r < first + num_runs while some example is robust;
-    ORs the breaks."""
+    """Runs run(r, keys_r, robust) for first <= r < first + num_runs while some example is
+    robust; ORs the breaks."""
 
     def cond(c):
         r, _, rob = c
@@ -234,7 +244,7 @@ def _runs(
     def body(c):
         r, x_adv, rob = c
         run_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, r)
-        x_r, rob_r = run(r, run_keys)
+        x_r, rob_r = run(r, run_keys, rob)
         broken = rob & ~rob_r
         return r + 1, jnp.where(_bcast(broken, x), x_r, x_adv), rob & rob_r
 
@@ -262,17 +272,28 @@ def apgd_ce(
     n_restarts: int = 1,
     rho: float = 0.75,
     mask: Array | None = None,
+    early_stop: bool = False,
 ) -> tuple[Array, Array]:
     """APGD on the cross-entropy: (x_adv, robust) after `n_restarts` runs (AutoAttack standard: 1).
 
     robust is False for examples misclassified clean, broken by a run, or with mask 0.
+    `early_stop`: a run ends once no example is left (`apgd_run`'s `active`; same flags).
     """
     keys = _per_example_keys(key, x.shape[0])
     _, robust = _initial_robust(logits_fn, x, labels, mask)
 
-    def run(r, run_keys):
+    def run(r, run_keys, alive):
         return apgd_run(
-            logits_fn, ce_loss, x, labels, run_keys, eps=eps, norm=norm, n_iter=n_iter, rho=rho
+            logits_fn,
+            ce_loss,
+            x,
+            labels,
+            run_keys,
+            eps=eps,
+            norm=norm,
+            n_iter=n_iter,
+            rho=rho,
+            active=alive if early_stop else None,
         )
 
     return _runs(run, x, keys, robust, n_restarts)
@@ -292,13 +313,14 @@ def apgd_targeted(
     rho: float = 0.75,
     mask: Array | None = None,
     target_index: Array | int | None = None,
+    early_stop: bool = False,
 ) -> tuple[Array, Array]:
     """APGD-T: for target = the 2nd, ..., (n_target_classes+1)-th largest clean logit, APGD on
     `dlr_loss_targeted` (`n_restarts` runs each); (x_adv, robust) as `apgd_ce`.
 
     `target_index` j (may be traced) runs only the target ranked j + 2, with the random starts
     of those runs in the full loop, so that a caller can re-gather the still-robust examples
-    between targets as the reference does (`autoattack.suite`)."""
+    between targets as the reference does (`autoattack.suite`). `early_stop` as in `apgd_ce`."""
     keys = _per_example_keys(key, x.shape[0])
     logits, robust = _initial_robust(logits_fn, x, labels, mask)
     num_classes = logits.shape[-1]
@@ -309,7 +331,7 @@ def apgd_targeted(
     order = jnp.argsort(logits, axis=-1)
     first = 0 if target_index is None else target_index * n_restarts
 
-    def run(r, run_keys):
+    def run(r, run_keys, alive):
         target = jnp.take(order, num_classes - 2 - r // n_restarts, axis=1)
         return apgd_run(
             logits_fn,
@@ -321,6 +343,7 @@ def apgd_targeted(
             norm=norm,
             n_iter=n_iter,
             rho=rho,
+            active=alive if early_stop else None,
         )
 
     num_runs = n_restarts if target_index is not None else n_target_classes * n_restarts

@@ -135,9 +135,13 @@ def fab_targeted_run(
     alpha_max: float = 0.1,
     eta: float = 1.05,
     beta: float = 0.9,
+    active: Array | None = None,
+    eps: float | None = None,
 ) -> tuple[Array, Array]:
     """One targeted FAB run from x; returns (x_best, dist) with dist = ||x_best - x|| of the
-    closest misclassified iterate, 1e10 where none was found (x_best = x there)."""
+    closest misclassified iterate, 1e10 where none was found (x_best = x there). With `active`
+    and `eps`, the run stops once every active example has dist <= eps (whether dist <= eps
+    is then as after n_iter iterations; x_best may be farther)."""
     batch = x.shape[0]
     x0 = x.reshape(batch, -1)
     project = projection_linf if norm == "linf" else projection_l2
@@ -150,8 +154,8 @@ def fab_targeted_run(
 
     grad_fn = jax.grad(diff, has_aux=True)
 
-    def body(_, c):
-        x1, adv, res = c
+    def body(c):
+        i, x1, adv, res = c
         g, df = grad_fn(x1)
         w = g.reshape(batch, -1)
         x1f = x1.reshape(batch, -1)
@@ -169,10 +173,15 @@ def fab_targeted_run(
         adv = jnp.where(_bcast(closer, x), x1, adv)
         res = jnp.where(closer, t, res)
         x1 = jnp.where(_bcast(is_adv, x), x + (x1 - x) * beta, x1)
-        return x1, adv, res
+        return i + 1, x1, adv, res
+
+    def cond(c):
+        i, _, _, res = c
+        left = True if active is None else jnp.any(active & (res > eps))
+        return (i < n_iter) & left
 
     res0 = jnp.full((batch,), 1e10, jnp.float32)
-    _, adv, res = jax.lax.fori_loop(0, n_iter, body, (x, x, res0))
+    _, _, adv, res = jax.lax.while_loop(cond, body, (jnp.int32(0), x, x, res0))
     return adv, res
 
 
@@ -190,11 +199,13 @@ def fab_targeted(
     beta: float = 0.9,
     mask: Array | None = None,
     target_index: Array | int | None = None,
+    early_stop: bool = False,
 ) -> tuple[Array, Array]:
     """FAB-T over the targets ranked 2, ..., n_target_classes + 1 by the clean logits; returns
     (x_adv, robust): robust is False where a run found a misclassified point within eps (and for
     clean-misclassified examples or mask 0). `target_index` j (may be traced) runs only the
-    target ranked j + 2 (a caller re-gathering between targets, `autoattack.suite`)."""
+    target ranked j + 2 (a caller re-gathering between targets, `autoattack.suite`).
+    `early_stop`: a run ends once no example is left (`fab_targeted_run`'s `active`)."""
     if norm not in NORMS:
         raise ValueError(f"fab norm must be one of {NORMS}, got {norm!r}")
     logits = logits_fn(x)
@@ -228,6 +239,8 @@ def fab_targeted(
             alpha_max=alpha_max,
             eta=eta,
             beta=beta,
+            active=rob if early_stop else None,
+            eps=eps,
         )
         fooled = (jnp.argmax(logits_fn(adv), axis=-1) != labels) & (res <= eps)
         broken = rob & fooled

@@ -5,7 +5,8 @@ robust after the previous ones, and the robust accuracy is reported after each s
 stages, and between the target classes of APGD-T and FAB-T (as the reference's loop over targets),
 a host step gathers the still-robust examples and splits them into equal chunks of at most
 `batch_size`, padded to a multiple of batch_size / 8 (`chunk_size`): a stage compiles once per
-chunk size, and keeps its size across targets while that pads less than a quarter. Example i's
+chunk size, and keeps its size across targets while that pads less than a quarter. APGD and FAB
+runs end once their chunk has no robust example left (`early_stop`: the same flags). Example i's
 randomness comes from fold_in(fold_in(key, stage), i) with i its index in the split, and the model
 runs in eval mode (no batch coupling): the result does not depend on the device count or the
 batching, up to floating-point differences of the batched convolutions. Unlike the reference, a
@@ -93,6 +94,8 @@ def _stage_step(variables, batch, target_index=None, *, model, name, eps, norm, 
     x = batch["image"].astype(jnp.float32) / 255.0
     if target_index is not None:
         options = {**options, "target_index": target_index}
+    if name != "square":  # a run ends once its chunk has no robust example left
+        options = {"early_stop": True, **options}
 
     def logits_fn(inputs):
         return model.apply(variables, inputs, train=False)
