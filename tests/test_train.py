@@ -43,8 +43,7 @@ def tiny_config(loss_type: str = "trades", **overrides):
 
 
 def run_steps(config, mesh, num_steps):
-    setup = trainer.Setup(config, "/unused")
-    setup.mesh = mesh
+    setup = trainer.Setup(config, "/unused", mesh=mesh)
     state = setup.initial_state()
     step_fn = train.compile_train_step(
         setup.model, config, setup.schedule, setup.ema_warmup_steps, mesh
