@@ -10,6 +10,7 @@ instead of a dataset it builds the model without reading any data (--mode export
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -79,12 +80,13 @@ class Setup:
 
     `dataset`: the run's Dataset (default: `load_data(config)`), or a DatasetInfo for the model
     alone (no `dataset` splits, no `batcher`). `mesh`: default all devices (`train.make_mesh`).
+    `workdir` is only named in messages.
     """
 
     def __init__(
         self,
         config: ml_collections.ConfigDict,
-        workdir: str,
+        workdir: str = "",
         *,
         dataset: data.Dataset | data.DatasetInfo | None = None,
         mesh: Mesh | None = None,
@@ -124,6 +126,18 @@ class Setup:
             self.model, self.tx, self.info.image_shape, self.config.seed
         )
         return train.replicate(state, self.mesh)
+
+    def compile_train_step(self) -> Callable:
+        """The jitted train step (`train.compile_train_step`) of this model, schedules and mesh:
+        (state, sharded batch, key) -> (state, metrics)."""
+        return train.compile_train_step(
+            self.model,
+            self.config,
+            self.schedule,
+            self.ema_warmup_steps,
+            self.mesh,
+            momentum_fn=self.momentum_schedule,
+        )
 
     def start_state(self) -> train.TrainState:
         """The state a new run starts from: `initial_state`, with config.init_from's weights (a

@@ -198,14 +198,7 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
         if start_step:
             print(f"Resuming from {ckpt.step_dir(start_step)} (step {start_step})", flush=True)
 
-    step_fn = train.compile_train_step(
-        setup.model,
-        config,
-        setup.schedule,
-        setup.ema_warmup_steps,
-        setup.mesh,
-        momentum_fn=setup.momentum_schedule,
-    )
+    step_fn = setup.compile_train_step()
     logging.info(
         "Training %s (%s-%s) for %d steps (%d per epoch) on %d devices from step %d",
         config.model.name,
