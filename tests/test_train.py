@@ -78,7 +78,7 @@ def test_step_updates_and_compiles_once(loss_type):
 
 def test_setup_from_dataset_info_reads_no_data(monkeypatch):
     """--mode export's Setup (a DatasetInfo, no data) builds the run's model, schedule and state."""
-    config = tiny_config(num_train_steps=0, num_epochs=2)
+    config = tiny_config(num_train_steps=-1, num_epochs=2)
     trained = trainer.Setup(config, "/unused")
 
     def no_data(*args):
