@@ -1,9 +1,10 @@
 """Datasets for SCORE training: digits (tests), CIFAR-10/100 (archives or TFDS), DDPM data (npz).
 
 `get_dataset(config.dataset)` returns a `Dataset` of host numpy arrays, `dataset_info` what a
-model needs of it (classes, image shape, mean / std) without loading it; `TrainBatcher` turns
-it into per-process training batches (a pure function of seed and step), `eval_batches`
-into fixed-shape padded evaluation batches, and `augment` is the (jit-friendly) crop + flip.
+model and schedule need of it (classes, image shape, mean / std, train size) without loading it;
+`TrainBatcher` turns it into per-process training batches (a pure function of seed and step),
+`eval_batches` into fixed-shape padded evaluation batches, and `augment` is the (jit-friendly)
+crop + flip.
 """
 
 from __future__ import annotations
