@@ -2,13 +2,13 @@
 
     python -m benchmarks.eval --model wrn-16-4 --batch 64 --steps 3 --json /tmp/eval.json
 
-1. PGD-20 evaluation: the "clean" and "pgd" steps of `score_jax.evaluate.compile_steps` (PGD-20
-   cross-entropy, uniform start, step 2/255 at Linf 8/255: `config.test.pgd` of
-   configs/cifar10_ddpm.py) on a device-resident batch, compiled apart, median of `--steps` calls
-   of both; against the same evaluation in eager PyTorch (benchmarks/torch_reference.py,
-   subprocess, same weights and batch).
-2. Input pipeline: train steps/s of the compiled train step (as benchmarks/train_step.py builds
-   it) fed the way `trainer.train_and_evaluate` feeds it, `shard_batch(TrainBatcher.batch(step))`
+1. PGD-20 evaluation: the library's evaluation path (`evaluate.run_evaluators` of the "clean"
+   and "pgd" steps `Setup.eval_steps` builds: PGD-20 cross-entropy, uniform start, step 2/255 at
+   Linf 8/255, `config.test.pgd` of configs/cifar10_ddpm.py) on one batch, compiled apart,
+   median of `--steps` calls; against the same evaluation in eager PyTorch
+   (benchmarks/torch_reference.py, subprocess, same weights and batch).
+2. Input pipeline: train steps/s of the compiled train step (`Setup.compile_train_step`) fed
+   the way `trainer.train_and_evaluate` feeds it, `shard_batch(TrainBatcher.batch(step))`
    each step with the metrics read one step late, against the same loop on one device-resident
    batch, and on real batches built and sharded before the loop ("prefetched"); the loops
    alternate `--rounds` times and the median per-step time of each is kept.
@@ -28,9 +28,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import train_step as ts
+from benchmarks import common
+from benchmarks.timing import loadavg, peak_rss_mb, time_calls
 from score_jax import data, evaluate, train
 from score_jax.models import layers
+from score_jax.setup import Setup
 
 
 def eval_batch(dataset: data.Dataset, batch: int, seed: int = 1) -> dict[str, np.ndarray]:
@@ -43,26 +45,31 @@ def eval_batch(dataset: data.Dataset, batch: int, seed: int = 1) -> dict[str, np
     }
 
 
-def run_jax_eval(bench: ts.Bench, state, host_batch: dict, steps: int, warmup: int) -> dict:
-    """The steps `trainer.Setup.evaluate` runs for config.test.pgd ("clean" and "pgd"), as
-    `evaluate.compile_steps` builds them, called in turn on one batch."""
-    spec = bench.config.test.pgd
-    fns = evaluate.compile_steps(bench.model, {"pgd": spec}, bench.mesh)
+def run_jax_eval(setup: Setup, state, host_batch: dict, steps: int, warmup: int) -> dict:
+    """The library's evaluation path of config.test.pgd: the steps `Setup.eval_steps` builds
+    ("clean" and "pgd", `evaluate.compile_steps`), lowered and compiled apart (timed, and their
+    FLOPs), then `evaluate.run_evaluators` on the batch as a split (its one host-to-device copy
+    and final read included), median of `steps` calls after `warmup` (at least one: jit's own
+    first call)."""
+    spec = setup.config.test.pgd
+    steps_fns = setup.eval_steps({"pgd": spec})
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    batch = train.shard_batch(host_batch, bench.mesh)
-    key = bench.device_key()
-    load_before = ts.loadavg()
+    split = data.Split(host_batch["image"], host_batch["label"])
+    batch = train.shard_batch(host_batch, setup.mesh)
+    key = np.asarray(jax.random.key_data(jax.random.key(setup.config.seed + 1)))
+    device_key = common.device_key(setup)
+    load_before = loadavg()
     t0 = time.perf_counter()
-    lowered = [fn.lower(variables, batch, key) for fn in fns.values()]
+    lowered = [fn.lower(variables, batch, device_key) for fn in steps_fns.values()]
     t1 = time.perf_counter()
     compiled = [low.compile() for low in lowered]
     t2 = time.perf_counter()
-    raw = sum(ts.flops_of(c.cost_analysis()) for c in compiled)
+    raw = sum(common.flops_of(c.cost_analysis()) for c in compiled)
     cpu: list[float] = []
-    times = ts.time_calls(
-        lambda: jax.block_until_ready([c(variables, batch, key) for c in compiled]),
+    times = time_calls(
+        lambda: evaluate.run_evaluators(steps_fns, variables, split, len(split), setup.mesh, key),
         steps,
-        warmup,
+        max(warmup, 1),
         cpu,
     )
     median = statistics.median(times)
@@ -78,16 +85,16 @@ def run_jax_eval(bench: ts.Bench, state, host_batch: dict, steps: int, warmup: i
         "images_per_s": len(host_batch["label"]) / median,
         "xla_flops_raw": raw,
         "loadavg_before": load_before,
-        "loadavg_after": ts.loadavg(),
+        "loadavg_after": loadavg(),
     }
 
 
-def pipeline_overhead(bench: ts.Bench, state, steps: int, rounds: int) -> dict:
+def pipeline_overhead(setup: Setup, state, steps: int, rounds: int) -> dict:
     """Per-step seconds of the trainer's loop with the real data path vs a resident batch, and
     with the real batches built and sharded ahead (outside the timed loop): real - prefetched is
     the cost of building batches in the loop, prefetched - resident that of new arrays."""
-    step_fn = bench.step_fn()  # jit, as the trainer calls it (host key, sharded batch)
-    mesh, batcher, key = bench.mesh, bench.batcher, bench.key
+    step_fn = setup.compile_train_step()  # as the trainer calls it (host key, sharded batch)
+    mesh, batcher, key = setup.mesh, setup.batcher, setup.key
     resident = train.shard_batch(batcher.batch(0), mesh)
     holder = {"state": state, "step": 0}
 
@@ -113,7 +120,7 @@ def pipeline_overhead(bench: ts.Bench, state, steps: int, rounds: int) -> dict:
         holder["step"] = start + steps
         return (time.perf_counter() - t0) / steps
 
-    load_before = ts.loadavg()
+    load_before = loadavg()
     t0 = time.perf_counter()
     loop("resident")  # compiles, and warms every path
     compile_s = time.perf_counter() - t0
@@ -122,7 +129,7 @@ def pipeline_overhead(bench: ts.Bench, state, steps: int, rounds: int) -> dict:
     for _ in range(rounds):
         for mode, values in times.items():
             values.append(loop(mode))
-    host = ts.time_calls(
+    host = time_calls(
         lambda: jax.block_until_ready(train.shard_batch(batcher.batch(holder["step"]), mesh)),
         max(steps, 20),
         1,
@@ -130,8 +137,8 @@ def pipeline_overhead(bench: ts.Bench, state, steps: int, rounds: int) -> dict:
     res, real, ahead = (statistics.median(times[m]) for m in ("resident", "real", "prefetched"))
     host_ms = 1e3 * statistics.median(host)
     return {
-        "data": bench.dataset.name,
-        "num_train": len(bench.dataset.train),
+        "data": setup.dataset.name,
+        "num_train": len(setup.dataset.train),
         "steps_per_round": steps,
         "rounds": rounds,
         "first_loop_s_incl_compile": compile_s,
@@ -147,7 +154,7 @@ def pipeline_overhead(bench: ts.Bench, state, steps: int, rounds: int) -> dict:
         "host_batch_pct_of_step": 100.0 * host_ms / (1e3 * res),
         "target_pct": 5.0,
         "loadavg_before": load_before,
-        "loadavg_after": ts.loadavg(),
+        "loadavg_after": loadavg(),
     }
 
 
@@ -181,7 +188,7 @@ def markdown_rows(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = ts.make_config(
+    config = common.make_config(
         args.model,
         args.batch,
         args.loss,
@@ -195,32 +202,32 @@ def run(args: argparse.Namespace) -> dict:
         config.augment.flip = False
         dataset = data.get_dataset(config.dataset)
     else:
-        dataset = ts.synthetic_dataset(args.image_size, args.num_train)
-    bench = ts.Bench.build(config, dataset, args.devices)
-    state = bench.initial_state()
+        dataset = common.synthetic_dataset(args.image_size, args.num_train)
+    setup = common.bench_setup(config, dataset, args.devices)
+    state = setup.initial_state()
     host_batch = eval_batch(dataset, args.batch)
     result: dict[str, Any] = {
         "benchmark": "eval",
         "date": datetime.date.today().isoformat(),
         "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": ts.machine_info(),
+        "machine": common.machine_info(),
         "args": vars(args),
     }
-    j = run_jax_eval(bench, state, host_batch, args.steps, args.warmup)
+    j = run_jax_eval(setup, state, host_batch, args.steps, args.warmup)
     j["conv_impl"] = layers.resolve_conv_impl(args.conv_impl)
-    j["peak_rss_mb"] = ts.peak_rss_mb()
+    j["peak_rss_mb"] = peak_rss_mb()
     result["jax"] = j
     result["torch"] = None
     if not args.no_torch:
         with tempfile.TemporaryDirectory() as workdir:
-            spec = ts.torch_spec(bench, "eval", args.steps, args.warmup, False)
-            t = ts.run_torch(spec, jax.device_get(state), host_batch, workdir)
+            spec = common.torch_spec(setup, "eval", args.steps, args.warmup, False)
+            t = common.run_torch(spec, jax.device_get(state), host_batch, workdir)
         result["torch"] = t
         result["ratio_jax_over_torch"] = j["images_per_s"] / t["images_per_s"]
         result["cpu_ratio_jax_over_torch"] = t["step_cpu_s_median"] / j["step_cpu_s_median"]
     result["pipeline"] = None
     if args.pipeline_steps > 0:
-        result["pipeline"] = pipeline_overhead(bench, state, args.pipeline_steps, args.rounds)
+        result["pipeline"] = pipeline_overhead(setup, state, args.pipeline_steps, args.rounds)
     return result
 
 
@@ -232,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--attack-steps", type=int, default=20, help="PGD steps in evaluation")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--conv-impl", default="auto", choices=ts.CONV_CHOICES)
+    parser.add_argument("--conv-impl", default="auto", choices=common.CONV_CHOICES)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--devices", type=int, default=0, help="first N devices (0: all)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -242,7 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pipeline-steps", type=int, default=5, help="train steps per loop (0: skip)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two loops")
-    parser.add_argument("--loss", default="trades-se", choices=ts.LOSSES, help="pipeline's step")
+    parser.add_argument(
+        "--loss", default="trades-se", choices=common.LOSSES, help="pipeline's step"
+    )
     parser.add_argument(
         "--train-attack-steps", type=int, default=10, help="PGD steps of the pipeline's step"
     )
@@ -253,7 +262,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
-    ts.write(result, args.json)
+    common.write(result, args.json)
     print(markdown_rows(result))
     return result
 

@@ -1,73 +1,29 @@
 """The training loop and the evaluation of a trained workdir (`--mode train` / `--mode eval`).
 
-Data flows one way: config -> data + model + optimizer -> train_step (pure, compiled once) ->
-checkpoints / metrics. The loop never waits for the device except to read the previous step's
-scalar metrics (the divergence guard) and to evaluate.
+Data flows one way: config -> `setup.Setup` (data, model, optimizer, mesh) -> train_step (pure,
+compiled once) -> checkpoints / metrics. The loop is one block per concern: the step, its
+metrics (`metrics.TrainMetrics`: read one step late, so the loop never waits for the device
+except to evaluate), validation and the best checkpoint (`evaluate_and_save_best`), periodic
+checkpoints and preemption, each at its cadence (`metrics.itstime`).
 """
 
 import signal
-import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from score_jax import checkpoint, config_lib, data, evaluate, models, optim, train, workdir_io
-from score_jax.errors import CheckpointError, ConfigError, DivergedError, WorkdirError
+from score_jax import checkpoint, evaluate, optim, train, workdir_io
+from score_jax.errors import CheckpointError, ConfigError, WorkdirError
 from score_jax.lock import workdir_lock
+from score_jax.metrics import METRICS_FILE as METRICS_FILE  # where tests and tools read it
+from score_jax.metrics import MetricWriter, TrainMetrics, itstime
+from score_jax.setup import Setup
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
-PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
-
-
-def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset):
-    """The configured model with the dataset's classes and normalisation."""
-    return models.from_config(config.model, dataset.num_classes, dataset.mean, dataset.std)
-
-
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    if config.num_train_steps > 0:
-        return int(config.num_train_steps)
-    return int(config.num_epochs * steps_per_epoch)
-
-
-class MetricWriter:
-    """metrics.jsonl + TensorBoard scalars, written by process 0 only (local or gs:// workdirs:
-    workdir_io.MetricsLog rewrites a remote metrics.jsonl, which cannot be appended to)."""
-
-    def __init__(self, workdir: str):
-        self.enabled = jax.process_index() == 0
-        self.log = self.tb = None
-        if self.enabled:
-            self.log = workdir_io.MetricsLog(workdir_io.join(workdir, METRICS_FILE))
-            self.tb = workdir_io.summary_writer(workdir_io.join(workdir, "tensorboard"))
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.log.append({"step": step, **scalars})
-        for k, v in scalars.items():
-            self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-
-    def truncate_after(self, step: int) -> None:
-        """Drops lines logged after `step` (written before a crash, to be written again)."""
-        if self.enabled:
-            self.log.truncate_after(step)
-
-    def drop_test_lines(self) -> None:
-        """Drops earlier test-only lines (a new test evaluation replaces them)."""
-        if self.enabled:
-            self.log.retain(lambda r: not all(k == "step" or k.startswith("test/") for k in r))
-
-    def close(self) -> None:
-        if self.enabled:
-            self.log.close()
-            self.tb.close()
 
 
 class PreemptionWatch:
@@ -129,122 +85,6 @@ def _section_scalars(prefix: str, rows: dict[str, dict[str, float]]) -> dict[str
         for k, v in r.items()
         if k != "num_examples"
     }
-
-
-class Setup:
-    """Everything a run builds from its config: data, model, optimizer, mesh, checkpoints."""
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        self.config = config
-        self.workdir = workdir
-        self.mesh = train.make_mesh()
-        config_lib.validate(config, num_devices=self.mesh.size)  # the run's one validation
-        self.dataset = data.get_dataset(config.dataset)
-        self.batcher = data.TrainBatcher(
-            self.dataset,
-            config.batch_size,
-            config.seed,
-            config.dataset.real_fraction,
-            epoch_size=config.dataset.epoch_size,
-        )
-        self.steps_per_epoch = self.batcher.steps_per_epoch
-        self.total_steps = total_steps(config, self.steps_per_epoch)
-        self.model = build_model(config, self.dataset)
-        self.schedule = optim.make_schedule(config.optim, self.steps_per_epoch, self.total_steps)
-        self.momentum_schedule = optim.make_momentum_schedule(
-            config.optim, self.steps_per_epoch, self.total_steps
-        )
-        self.tx = optim.make_optimizer(config.optim, self.schedule, self.momentum_schedule)
-        self.ema_warmup_steps = int(round(config.ema.warmup_fraction * self.total_steps))
-        self.key = train.base_key(config.seed)
-        self._eval_steps: dict[str, dict[str, evaluate.StepFn]] = {}
-
-    def initial_state(self) -> train.TrainState:
-        state = train.create_train_state(
-            self.model, self.tx, self.dataset.image_shape, self.config.seed
-        )
-        return train.replicate(state, self.mesh)
-
-    def start_state(self) -> train.TrainState:
-        """The state a new run starts from: `initial_state`, with config.init_from's weights (a
-        released PyTorch checkpoint, torch_bridge.released) as params, EMA and BatchNorm
-        statistics when it is set."""
-        state = self.initial_state()
-        if not self.config.init_from:
-            return state
-        from score_jax import torch_bridge
-
-        torch_bridge.require_torch()
-        from score_jax.torch_bridge import released
-
-        template = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-        variables = released.load_variables(
-            self.config.init_from, self.config.model.name, template, self.model.mean, self.model.std
-        )
-        state = state.replace(
-            params=variables["params"],
-            ema_params=variables["params"],
-            batch_stats=variables["batch_stats"],
-        )
-        return train.replicate(state, self.mesh)
-
-    def eval_steps(
-        self, section: str | dict[str, ml_collections.ConfigDict]
-    ) -> dict[str, evaluate.StepFn]:
-        """The compiled steps ("clean" and each evaluator) of config.<section> (built once), or
-        of the given {name: evaluator spec}."""
-        if not isinstance(section, str):
-            return evaluate.compile_steps(
-                self.model, section, self.mesh, batch_size=self.config.eval_batch_size
-            )
-        if section not in self._eval_steps:
-            specs = evaluate.evaluator_specs(self.config[section])
-            self._eval_steps[section] = evaluate.compile_steps(
-                self.model, specs, self.mesh, batch_size=self.config.eval_batch_size
-            )
-        return self._eval_steps[section]
-
-    def evaluate(
-        self,
-        section: str | dict[str, ml_collections.ConfigDict],
-        variables: dict,
-        split: data.Split,
-        params: str | None = None,
-    ) -> dict[str, float]:
-        """config.<section>'s evaluators (or the given ones) on `variables` ({"params",
-        "batch_stats"}) and `split`: {"clean_accuracy", "<evaluator>_accuracy", ..,
-        "num_examples"}. `params` ("ema" / "raw"): which parameters these are; evaluators with
-        `params="best_by"` (AutoAttack) then run only on config.best_by's."""
-        key = np.asarray(jax.random.key_data(jax.random.key(self.config.seed + 1)))
-        steps = self.eval_steps(section)
-        if params is not None and params != self.config.best_by:
-            specs = self.config[section] if isinstance(section, str) else section
-            steps = {
-                k: v
-                for k, v in steps.items()
-                if k == evaluate.CLEAN or specs[k].get("params") != "best_by"
-            }
-        return evaluate.run_evaluators(
-            steps,
-            variables,
-            split,
-            self.config.eval_batch_size,
-            self.mesh,
-            key,
-        )
-
-    def evaluate_state(
-        self, section: str, state: train.TrainState, split: data.Split
-    ) -> dict[str, dict[str, float]]:
-        """`evaluate` of the EMA and of the raw parameters of `state`: {"ema": .., "raw": ..}.
-        The one evaluation path of training (validation) and --mode eval (test)."""
-        chosen = {"ema": state.ema_params, "raw": state.params}
-        return {
-            name: self.evaluate(
-                section, {"params": chosen[name], "batch_stats": state.batch_stats}, split, name
-            )
-            for name in PARAMS
-        }
 
 
 def _restore_or_init(
@@ -327,13 +167,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train(setup: Setup, workdir: str) -> dict[str, Any]:
     config = setup.config
+    num_steps = setup.total_steps
+    is_main = jax.process_index() == 0
+
+    # Resume: the newest checkpoint of this config, or a new state.
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     state, meta = _restore_or_init(setup, ckpt)
     start_step = int(jax.device_get(state.step))
     _check_run_length(setup, meta, start_step)
     best_value = float(meta.get("best_value", -1.0))
     fingerprint = checkpoint.fingerprint(config)
-    is_main = jax.process_index() == 0
+
+    def save(step: int, state: train.TrainState, best_value: float, best: bool = False) -> None:
+        payload = {
+            "fingerprint": fingerprint,
+            "step": step,
+            "best_value": best_value,
+            "total_steps": num_steps,
+        }
+        ckpt.save(step, state, payload, best=best)
+
+    # Metrics: config.json, metrics.jsonl without the lines of steps to be run again.
     writer = MetricWriter(workdir)
     if is_main:
         workdir_io.write_text_atomic(
@@ -344,15 +198,7 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
         if start_step:
             print(f"Resuming from {ckpt.step_dir(start_step)} (step {start_step})", flush=True)
 
-    step_fn = train.compile_train_step(
-        setup.model,
-        config,
-        setup.schedule,
-        setup.ema_warmup_steps,
-        setup.mesh,
-        momentum_fn=setup.momentum_schedule,
-    )
-    num_steps = setup.total_steps
+    step_fn = setup.compile_train_step()
     logging.info(
         "Training %s (%s-%s) for %d steps (%d per epoch) on %d devices from step %d",
         config.model.name,
@@ -363,109 +209,44 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
         setup.mesh.size,
         start_step,
     )
-
-    def save(step: int, state, best: bool = False) -> None:
-        payload = {
-            "fingerprint": fingerprint,
-            "step": step,
-            "best_value": best_value,
-            "total_steps": num_steps,
-        }
-        ckpt.save(step, state, payload, best=best)
-
     progress = None
     if is_main and config.progress_bar and start_step < num_steps:
         import tqdm
 
         progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
     watch = PreemptionWatch()
-    window: list[dict[str, float]] = []
-    pending = None  # (step, device metrics) of the previous step, read one step late
-    window_start = time.perf_counter()
-
-    def drain(pending_item) -> None:
-        nonlocal window_start
-        step, metrics = pending_item
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        flags = {k: metrics.pop(k) for k in list(metrics) if k.startswith("finite")}
-        if not flags["finite"]:
-            ckpt.wait()
-            bad = [k.removeprefix("finite_") for k, v in sorted(flags.items()) if not v]
-            bad = [k for k in bad if k != "finite"] or ["loss"]
-            last = ckpt.latest_step()
-            newest = (
-                "no checkpoint was written"
-                if last is None
-                else f"the newest checkpoint is step {last}"
-            )
-            raise DivergedError(
-                f"training diverged at step {step + 1}: non-finite {', '.join(bad)} (loss "
-                f"{metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}, learning_rate "
-                f"{metrics['learning_rate']:.4g}); the step was discarded; {newest}; lower "
-                "config.optim.learning_rate or set config.optim.grad_clip_norm"
-            )
-        window.append(metrics)
-        if (step + 1) % config.log_every_steps == 0 or step + 1 == num_steps:
-            elapsed = time.perf_counter() - window_start
-            scalars = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
-            scalars["train/epoch"] = (step + 1) / setup.steps_per_epoch
-            writer.write(step + 1, scalars)
-            images_per_s = len(window) * config.batch_size / elapsed
-            # Its own line: a speed, not part of the (bit-reproducible) training record.
-            writer.write(step + 1, {"perf/images_per_s": images_per_s})
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{scalars['train/loss']:.4f}", img_s=f"{images_per_s:.0f}"
-                )
-            elif is_main:
-                shown = ", ".join(
-                    f"{k.removeprefix('train/')} {v:.4g}" for k, v in sorted(scalars.items())
-                )
-                print(
-                    f"step {step + 1}/{num_steps}: {shown}, {images_per_s:.1f} images/s", flush=True
-                )
-            window.clear()
-            window_start = time.perf_counter()
+    step_metrics = TrainMetrics(
+        writer,
+        batch_size=config.batch_size,
+        steps_per_epoch=setup.steps_per_epoch,
+        total_steps=num_steps,
+        log_every_steps=config.log_every_steps,
+        latest_checkpoint=lambda: _latest_saved(ckpt),
+        progress=progress,
+    )
+    eval_every = config.eval_every_epochs * setup.steps_per_epoch  # 0: after the last step only
 
     preempted = False
     for step in range(start_step, num_steps):
         batch = train.shard_batch(setup.batcher.batch(step), setup.mesh)
-        state, metrics = step_fn(state, batch, setup.key)
-        if pending is not None:
-            drain(pending)
-        pending = (step, metrics)
-        if progress is not None:
-            progress.update(1)
+        state, device_metrics = step_fn(state, batch, setup.key)
+        step_metrics.push(step, device_metrics)  # reads the previous step's
         done = step + 1
-        epoch_end = done % setup.steps_per_epoch == 0
-        epoch = done // setup.steps_per_epoch
-        eval_now = done == num_steps or (
-            epoch_end and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0
-        )
-        if eval_now:
-            drain(pending)
-            pending = None
-            rows = setup.evaluate_state("eval", state, setup.dataset.validation)
-            value = evaluate.selection_value(rows[config.best_by], config.eval.select_by)
-            writer.write(done, {**_section_scalars("val", rows), "val/selection": value})
-            if evaluate.improves(value, best_value, config.eval.select_ties):
-                best_value = value
-                save(done, state, best=True)
+
+        if itstime(done, eval_every, num_steps):
+            step_metrics.flush()
+            best_value = evaluate_and_save_best(setup, state, done, best_value, writer, save)
+
         preempted = watch.reached(done)
-        if done % config.checkpoint_every_steps == 0 or done == num_steps or preempted:
-            if pending is not None:
-                drain(pending)
-                pending = None
-            save(done, state)
+        if itstime(done, config.checkpoint_every_steps, num_steps) or preempted:
+            step_metrics.flush()
+            save(done, state, best_value)
         if preempted:
             break
     watch.close()
-    if pending is not None:
-        drain(pending)
-    if progress is not None:
-        progress.close()
+    step_metrics.close()
     ckpt.wait()
+
     if preempted:
         ckpt.close()
         writer.close()
@@ -479,6 +260,34 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
     return results
+
+
+def _latest_saved(ckpt: checkpoint.Checkpointer) -> int | None:
+    """The newest checkpoint's step once the pending saves are written (None: none)."""
+    ckpt.wait()
+    return ckpt.latest_step()
+
+
+def evaluate_and_save_best(
+    setup: Setup,
+    state: train.TrainState,
+    step: int,
+    best_value: float,
+    writer: MetricWriter,
+    save: Callable[..., None],
+) -> float:
+    """Validation: config.eval's evaluators of the EMA and raw parameters on the validation split,
+    written as val/<params>_<evaluator>_accuracy and val/selection (the min over
+    config.eval.select_by of config.best_by's); a new best (evaluate.improves) is saved as the
+    best checkpoint. Returns the best value so far."""
+    config = setup.config
+    rows = setup.evaluate_state("eval", state, setup.dataset.validation)
+    value = evaluate.selection_value(rows[config.best_by], config.eval.select_by)
+    writer.write(step, {**_section_scalars("val", rows), "val/selection": value})
+    if not evaluate.improves(value, best_value, config.eval.select_ties):
+        return best_value
+    save(step, state, value, best=True)
+    return value
 
 
 def evaluate_workdir(

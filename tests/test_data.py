@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import io
 import logging
@@ -528,3 +529,16 @@ def test_random_rotation_angles_within_degrees():
     assert (angles > 3).sum() > 10 and (angles < -3).sum() > 10
     np.testing.assert_array_equal(aug(images, keys), out)
     assert augment(images, keys, crop_padding=0, flip=False, rotation_degrees=0.0) is images
+
+
+def test_dataset_info_is_what_loading_gives(digits_dataset):
+    # The loaders' constants (read without any data) against the loaded dataset.
+    assert data.dataset_info(_config()) == digits_dataset.info
+
+
+def test_cifar_dataset_info(mock_tfds):
+    with mock_tfds(num_examples=40):
+        ds = data.get_dataset(_config(name="cifar100", num_validation=8, data_dir="/nowhere"))
+    info = data.dataset_info(_config(name="cifar100", num_validation=8))
+    assert dataclasses.replace(info, num_train=len(ds.train)) == ds.info  # the mock holds 40
+    assert info.num_train == 50000 - 8  # CIFAR's train split, less the held-out validation

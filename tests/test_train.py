@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cli_helpers import AUTOATTACK_QUICK
 
-from score_jax import checkpoint, config_lib, evaluate, train, trainer
+from score_jax import checkpoint, config_lib, data, evaluate, train, trainer
 from score_jax.errors import DivergedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +43,7 @@ def tiny_config(loss_type: str = "trades", **overrides):
 
 
 def run_steps(config, mesh, num_steps):
-    setup = trainer.Setup(config, "/unused")
-    setup.mesh = mesh
+    setup = trainer.Setup(config, "/unused", mesh=mesh)
     state = setup.initial_state()
     step_fn = train.compile_train_step(
         setup.model, config, setup.schedule, setup.ema_warmup_steps, mesh
@@ -75,6 +74,26 @@ def test_step_updates_and_compiles_once(loss_type):
     assert min(jax.tree.leaves(stats)) > 0  # the loss's passes update the running averages
     if loss_type == "trades":
         assert {"natural", "robust", "clean_accuracy"} <= set(history[0])
+
+
+def test_setup_from_dataset_info_reads_no_data(monkeypatch):
+    """--mode export's Setup (a DatasetInfo, no data) builds the run's model, schedule and state."""
+    config = tiny_config(num_train_steps=-1, num_epochs=2)
+    trained = trainer.Setup(config, "/unused")
+
+    def no_data(*args):
+        raise AssertionError("read the dataset")
+
+    monkeypatch.setattr(data, "get_dataset", no_data)
+    alone = trainer.Setup(config, "/unused", dataset=data.dataset_info(config.dataset))
+    assert alone.dataset is None and alone.batcher is None
+    assert (alone.steps_per_epoch, alone.total_steps) == (trained.batcher.steps_per_epoch, 158)
+    assert alone.ema_warmup_steps == trained.ema_warmup_steps
+    for step in (0, 57, 150):
+        assert float(alone.schedule(step)) == float(trained.schedule(step))
+    fields = ("step", "params", "batch_stats", "opt_state", "ema_params")
+    states = [jax.device_get(s.initial_state()) for s in (alone, trained)]
+    chex.assert_trees_all_equal(*({k: getattr(s, k) for k in fields} for s in states))
 
 
 @pytest.mark.parametrize("loss_type", ["trades", "pgd_at"])

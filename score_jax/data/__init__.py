@@ -1,8 +1,10 @@
 """Datasets for SCORE training: digits (tests), CIFAR-10/100 (archives or TFDS), DDPM data (npz).
 
-`get_dataset(config.dataset)` returns a `Dataset` of host numpy arrays; `TrainBatcher` turns
-it into per-process training batches (a pure function of seed and step), `eval_batches`
-into fixed-shape padded evaluation batches, and `augment` is the (jit-friendly) crop + flip.
+`get_dataset(config.dataset)` returns a `Dataset` of host numpy arrays, `dataset_info` what a
+model and schedule need of it (classes, image shape, mean / std, train size) without loading it;
+`TrainBatcher` turns it into per-process training batches (a pure function of seed and step),
+`eval_batches` into fixed-shape padded evaluation batches, and `augment` is the (jit-friendly)
+crop + flip.
 """
 
 from __future__ import annotations
@@ -18,20 +20,24 @@ from score_jax.data.pipeline import (
     check_real_fraction,
     eval_batches,
     num_eval_batches,
+    steps_per_epoch,
 )
 from score_jax.errors import ConfigError, DataError
 
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
+    "DatasetInfo",
     "Split",
     "TrainBatcher",
     "VALIDATION_ORDERS",
     "augment",
     "check_real_fraction",
+    "dataset_info",
     "eval_batches",
     "get_dataset",
     "num_eval_batches",
+    "steps_per_epoch",
 ]
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
@@ -54,6 +60,19 @@ class Split:
         return len(self.labels)
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the optimizer's schedule need of a dataset: its classes, image shape,
+    per-channel mean / std of images in [0, 1] and the size of its train split."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_train: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """A classification dataset held on the host.
@@ -72,14 +91,57 @@ class Dataset:
     test: Split
     generated: Split | None = None
 
+    @property
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(
+            self.name,
+            self.num_classes,
+            tuple(self.image_shape),
+            tuple(self.mean),
+            tuple(self.std),
+            len(self.train),
+        )
 
-def get_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
-    """Loads the dataset described by `config.dataset` (name, data_dir, num_validation, ...)."""
-    name = dataset_config.name
+
+def _check_name(name: str) -> None:
     if name not in DATASET_NAMES:
         raise ConfigError(
             f"Unknown config.dataset.name={name!r}; valid names: {', '.join(DATASET_NAMES)}"
         )
+
+
+def dataset_info(dataset_config: ml_collections.ConfigDict) -> DatasetInfo:
+    """`get_dataset(dataset_config).info` without reading any data (the loaders' constants)."""
+    name = dataset_config.name
+    _check_name(name)
+    if name == "digits":
+        from score_jax.data import digits
+
+        return DatasetInfo(
+            name,
+            digits.NUM_CLASSES,
+            digits.IMAGE_SHAPE,
+            digits.MEAN,
+            digits.STD,
+            digits.NUM_EXAMPLES - digits.NUM_TEST - digits.NUM_VALIDATION,
+        )
+    from score_jax.data import cifar
+
+    num_train = cifar.NUM_TRAIN - int(dataset_config.get("num_validation", 0))
+    return DatasetInfo(
+        name,
+        cifar.NUM_CLASSES[name],
+        cifar.IMAGE_SHAPE,
+        cifar.MEAN[name],
+        cifar.STD[name],
+        num_train,
+    )
+
+
+def get_dataset(dataset_config: ml_collections.ConfigDict) -> Dataset:
+    """Loads the dataset described by `config.dataset` (name, data_dir, num_validation, ...)."""
+    name = dataset_config.name
+    _check_name(name)
     ddpm_path = dataset_config.get("ddpm_path", "") or ""
     check_real_fraction(dataset_config.get("real_fraction", 1.0), bool(ddpm_path))
 

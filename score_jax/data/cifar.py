@@ -13,6 +13,7 @@ from score_jax.data import VALIDATION_ORDERS, Dataset, Split, cifar_archive
 from score_jax.errors import ConfigError, DataError
 
 IMAGE_SHAPE = (32, 32, 3)
+NUM_TRAIN = 50000  # both CIFARs, before config.dataset.num_validation is held out
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 STD = {"cifar10": (0.2471, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}

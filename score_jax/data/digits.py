@@ -11,6 +11,7 @@ from score_jax.data import Dataset, Split
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
+NUM_EXAMPLES = 1797
 NUM_TEST = 360
 NUM_VALIDATION = 180
 SPLIT_SEED = 0  # The split is fixed, independent of config.seed.

@@ -66,6 +66,11 @@ def _take(array: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return np.asarray(array[unique])[inverse]
 
 
+def steps_per_epoch(num_train: int, global_batch_size: int, epoch_size: int | None = None) -> int:
+    """ceil(epoch_size / global_batch_size); epoch_size 0 / None: the train split's size."""
+    return math.ceil((int(epoch_size) if epoch_size else num_train) / global_batch_size)
+
+
 class TrainBatcher:
     """Stateless training batches mixing real and (optionally) generated examples.
 
@@ -111,7 +116,7 @@ class TrainBatcher:
         if epoch_size is not None and epoch_size < 0:
             raise ValueError(f"config.dataset.epoch_size must be >= 0, got {epoch_size}")
         self.epoch_size = int(epoch_size) if epoch_size else self.num_train
-        self.steps_per_epoch = math.ceil(self.epoch_size / global_batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.num_train, global_batch_size, epoch_size)
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _perm(self, epoch: int) -> np.ndarray:

@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 import torch
 
-from score_jax import autoattack, checkpoint, data, trainer, workdir_io
+from score_jax import autoattack, checkpoint, data, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
+from score_jax.setup import Setup
 from score_jax.torch_bridge import convert, export
 
 RESULTS_FILE = "autoattack.json"
@@ -100,7 +101,7 @@ def pgd20_spec(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def jax_pgd20(
-    setup: trainer.Setup, model_name: str, state: dict[str, torch.Tensor], split: data.Split
+    setup: Setup, model_name: str, state: dict[str, torch.Tensor], split: data.Split
 ) -> dict[str, float]:
     """{"clean_accuracy", "pgd_accuracy", "num_examples"}: config.test.pgd with 20 steps, on the
     JAX model holding the weights of the PyTorch state dict `state`, on `split`."""
@@ -178,7 +179,7 @@ def run_autoattack(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
 
-    setup = trainer.Setup(config, workdir)
+    setup = Setup(config, workdir)
     test = setup.dataset.test
     n = len(test) if aa.num_examples < 0 else min(int(aa.num_examples), len(test))
     split = data.Split(np.asarray(test.images[:n]), np.asarray(test.labels[:n]))

@@ -37,14 +37,16 @@ def export_dir(workdir: str) -> str:
 
 
 def _final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, bool, Any]:
-    """(state, from_best, dataset) of the workdir's final checkpoint (`restore_final`).
+    """(state, from_best, dataset info) of the workdir's final checkpoint (`restore_final`).
 
     The restore target is the training setup's initial state, whose optimizer state gives the
-    checkpoint's tree: the bridge's one use of the trainer, imported here only.
+    checkpoint's tree; the setup is built from the dataset's info alone (no data is read): the
+    bridge's one use of the training code, imported here only.
     """
-    from score_jax import trainer
+    from score_jax import data
+    from score_jax.setup import Setup
 
-    setup = trainer.Setup(config, workdir)
+    setup = Setup(config, workdir, dataset=data.dataset_info(config.dataset))
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
         state, _, use_best = ckpt.restore_final(
@@ -52,7 +54,7 @@ def _final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, 
         )
     finally:
         ckpt.close()
-    return state, use_best, setup.dataset
+    return state, use_best, setup.info
 
 
 def export_workdir(

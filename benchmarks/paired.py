@@ -1,0 +1,127 @@
+"""`benchmarks.train_step --paired`: JAX conv variants and PyTorch timed in turn, one step each.
+
+    python -m benchmarks.train_step --model wrn-16-4 --paired im2col,xla --json /tmp/paired.json
+
+The compiled JAX step of each conv variant (`Setup.compile_train_step`) and the PyTorch step
+(benchmarks/torch_reference.py, in this process) are called in turn, one step each per round:
+every round sees the same machine load, so the per-round ratios stay meaningful on a shared
+machine where the load drifts.
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from benchmarks.timing import loadavg, peak_rss_mb, time_calls
+from score_jax import train
+
+
+def run_paired(args: argparse.Namespace) -> dict:
+    """Times each --paired conv variant and PyTorch, `args.steps` rounds (see the docstring)."""
+    import torch
+
+    from benchmarks import torch_reference
+    from score_jax.torch_bridge.convert import export_state_dict
+    from score_jax.torch_bridge.models import build_torch_model
+
+    variants = [v for v in args.paired.split(",") if v]
+    unknown = set(variants) - set(common.CONV_CHOICES)
+    if unknown:
+        raise ValueError(
+            f"--paired: unknown conv variants {sorted(unknown)}; valid {common.CONV_CHOICES}"
+        )
+    dataset = common.synthetic_dataset(args.image_size, max(4 * args.batch, 256))
+    runners: dict[str, Callable[[], object]] = {}
+    out: dict[str, Any] = {}
+    setup = None
+    for v in variants:
+        config = common.make_config(
+            args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=v,
+            attack_steps=args.attack_steps,
+        )  # fmt: skip
+        setup = common.bench_setup(config, dataset, args.devices)
+        state = setup.initial_state()
+        batch = train.shard_batch(setup.batcher.batch(0), setup.mesh)
+        key = common.device_key(setup)
+        t0 = time.perf_counter()
+        compiled = setup.compile_train_step().lower(state, batch, key).compile()
+        out[v] = {"compile_s": time.perf_counter() - t0, "step_s_all": []}
+        if not runners:
+            initial = jax.device_get(state)
+        holder = {"state": state}
+
+        def one(compiled=compiled, holder=holder, batch=batch, key=key):
+            holder["state"], metrics = compiled(holder["state"], batch, key)
+            jax.block_until_ready((holder["state"], metrics))
+
+        runners[v] = one
+    if not args.no_torch:
+        torch.set_num_threads(os.cpu_count() or 1)
+        spec = common.torch_spec(setup, "train", args.steps, args.warmup, False)
+        model = build_torch_model(spec["model_name"], spec["num_classes"], **spec["model_kwargs"])
+        variables = {"params": initial.params, "batch_stats": initial.batch_stats}
+        model.load_state_dict(export_state_dict(spec["model_name"], variables), strict=True)
+        ref = torch_reference.Reference(model, spec)
+        host = setup.batcher.batch(0)
+        images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
+        labels = torch.from_numpy(host["label"].astype(np.int64))
+        runners["torch"] = lambda: ref.train_step(images, labels)
+        out["torch"] = {"step_s_all": []}
+    for fn in runners.values():
+        time_calls(fn, 0, args.warmup)
+    rounds = []
+    for _ in range(args.steps):
+        row: dict[str, Any] = {"loadavg": loadavg()}
+        for name, fn in runners.items():
+            t = time_calls(fn, 1, 0)[0]
+            out[name]["step_s_all"].append(t)
+            row[name] = t
+        rounds.append(row)
+    for d in out.values():
+        d["step_s_median"] = statistics.median(d["step_s_all"])
+        d["images_per_s"] = args.batch / d["step_s_median"]
+    result: dict[str, Any] = {
+        "benchmark": "train_step_paired",
+        "date": datetime.date.today().isoformat(),
+        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": common.machine_info(),
+        "args": vars(args),
+        "variants": out,
+        "rounds": rounds,
+        "peak_rss_mb_process": peak_rss_mb(),
+    }
+    if not args.no_torch:
+        result["ratio_jax_over_torch"] = {
+            v: statistics.median(r["torch"] / r[v] for r in rounds) for v in variants
+        }
+    first = variants[0]
+    result[f"speedup_vs_{first}"] = {
+        v: statistics.median(r[first] / r[v] for r in rounds) for v in variants
+    }
+    return result
+
+
+def markdown_paired(result: dict) -> str:
+    a = result["args"]
+    lines = [
+        "| model | batch | loss | variant | s/step (median) | img/s | JAX/PyTorch (median of "
+        "per-round ratios) | load (first round) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = result.get("ratio_jax_over_torch", {})
+    load = "/".join(f"{v:.1f}" for v in result["rounds"][0]["loadavg"])
+    for name, d in result["variants"].items():
+        ratio = f"{ratios[name]:.2f}" if name in ratios else "-"
+        lines.append(
+            f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.1f} | "
+            f"{d['images_per_s']:.2f} | {ratio} | {load} |"
+        )
+    return "\n".join(lines)
