@@ -28,9 +28,11 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks import train_step as ts
+from benchmarks.common import machine_info, write
+from benchmarks.timing import loadavg, peak_rss_mb
 from score_jax import autoattack, data, models, train
 from score_jax.data import digits
+from score_jax.models import layers
 from score_jax.models.random_weights import random_variables
 from score_jax.torch_bridge.convert import export_state_dict
 from score_jax.torch_bridge.models import build_torch_model
@@ -114,7 +116,7 @@ def run_jax(args, model, variables, split, eps) -> dict[str, Any]:
     fns = autoattack.make_stage_fns(model, eps=eps, norm=args.norm, mesh=mesh, options=options)
     kw = dict(eps=eps, norm=args.norm, batch_size=args.batch, mesh=mesh, options=options)
     kw["key"], kw["stage_fns"] = train.base_key(0), fns
-    load_before = ts.loadavg()
+    load_before = loadavg()
     t0 = time.perf_counter()
     autoattack.evaluate(model, variables, split, **kw)  # compiles every stage and bucket
     first_s = time.perf_counter() - t0
@@ -129,9 +131,9 @@ def run_jax(args, model, variables, split, eps) -> dict[str, Any]:
         "robust_accuracy": result["robust_accuracy"],
         "stages": result["stages"],
         "num_examples": result["num_examples"],
-        "peak_rss_mb": ts.peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "loadavg_before": load_before,
-        "loadavg_after": ts.loadavg(),
+        "loadavg_after": loadavg(),
     }
 
 
@@ -171,7 +173,7 @@ def run_torch(args, tm, split, eps) -> dict[str, Any]:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    load_before = ts.loadavg()
+    load_before = loadavg()
     t0 = time.perf_counter()
     try:
         adversary.run_standard_evaluation(x, y, batch_size=args.torch_batch)
@@ -200,7 +202,7 @@ def run_torch(args, tm, split, eps) -> dict[str, Any]:
         "robust_accuracy": stages[-1]["robust_accuracy"] if stages else clean,
         "stages": stages,
         "loadavg_before": load_before,
-        "loadavg_after": ts.loadavg(),
+        "loadavg_after": loadavg(),
     }
 
 
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "autoattack",
         "date": datetime.date.today().isoformat(),
         "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": ts.machine_info(),
+        "machine": machine_info(),
         "versions": {"torch": torch.__version__, "jax": jax.__version__},
         "args": vars(args),
         "eps": eps,
@@ -254,7 +256,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=128, help="small-cnn (configs/digits.py)")
     parser.add_argument("--train-steps", type=int, default=300, help="small-cnn Adam steps")
     parser.add_argument("--image-size", type=int, default=32, help="WRN input side")
-    parser.add_argument("--conv-impl", default="xla", choices=ts.CONV_CHOICES)
+    parser.add_argument("--conv-impl", default="xla", choices=layers.CONV_IMPLS)
     parser.add_argument("--devices", type=int, default=0, help="first N devices (0: all)")
     parser.add_argument("--n-iter", type=int, default=0, help="reduce APGD/FAB iterations")
     parser.add_argument("--n-targets", type=int, default=0, help="reduce target classes")
@@ -270,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = run(args)
-    ts.write(result, args.json)
+    write(result, args.json)
     print(markdown_rows(result))
     return result
 
