@@ -17,7 +17,6 @@ steps on the digits, its 360 test images, eps 0.1. WRN: random weights at CIFAR 
 """
 
 import argparse
-import datetime
 import logging
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks.common import machine_info, write
+from benchmarks.common import result_header, write
 from benchmarks.timing import loadavg, peak_rss_mb
 from score_jax import autoattack, data, models, train
 from score_jax.data import digits
@@ -228,12 +227,9 @@ def markdown_rows(result: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
     model, variables, tm, split, eps = setup(args)
     result: dict[str, Any] = {
-        "benchmark": "autoattack",
-        "date": datetime.date.today().isoformat(),
-        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "versions": {"torch": torch.__version__, "jax": jax.__version__},
-        "args": vars(args),
+        **result_header(
+            "autoattack", args, versions={"torch": torch.__version__, "jax": jax.__version__}
+        ),
         "eps": eps,
     }
     result["jax"] = run_jax(args, model, variables, split, eps)

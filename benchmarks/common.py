@@ -9,6 +9,7 @@ and attack of configs/cifar10_basic.py:pgd_at-kl (Madry: cross-entropy, uniform 
 in eval mode).
 """
 
+import datetime
 import json
 import os
 import platform
@@ -237,6 +238,18 @@ def run_torch(spec: dict, state: train.TrainState | None, batch: dict, workdir: 
         raise RuntimeError(f"torch reference failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     with open(out_path) as f:
         return json.load(f)
+
+
+def result_header(benchmark: str, args: Any, **extra: Any) -> dict[str, Any]:
+    """The fields every benchmark's JSON starts with: its name, date, time, machine, flags."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.date.today().isoformat(),
+        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        **extra,
+        "args": vars(args),
+    }
 
 
 def write(result: dict, path: str) -> None:

@@ -18,7 +18,6 @@
 """
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -206,13 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     setup = common.bench_setup(config, dataset, args.devices)
     state = setup.initial_state()
     host_batch = eval_batch(dataset, args.batch)
-    result: dict[str, Any] = {
-        "benchmark": "eval",
-        "date": datetime.date.today().isoformat(),
-        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": common.machine_info(),
-        "args": vars(args),
-    }
+    result: dict[str, Any] = common.result_header("eval", args)
     j = run_jax_eval(setup, state, host_batch, args.steps, args.warmup)
     j["conv_impl"] = layers.resolve_conv_impl(args.conv_impl)
     j["peak_rss_mb"] = peak_rss_mb()

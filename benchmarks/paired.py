@@ -9,7 +9,6 @@ machine where the load drifts.
 """
 
 import argparse
-import datetime
 import os
 import statistics
 import time
@@ -89,11 +88,7 @@ def run_paired(args: argparse.Namespace) -> dict:
         d["step_s_median"] = statistics.median(d["step_s_all"])
         d["images_per_s"] = args.batch / d["step_s_median"]
     result: dict[str, Any] = {
-        "benchmark": "train_step_paired",
-        "date": datetime.date.today().isoformat(),
-        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": common.machine_info(),
-        "args": vars(args),
+        **common.result_header("train_step_paired", args),
         "variants": out,
         "rounds": rounds,
         "peak_rss_mb_process": peak_rss_mb(),

@@ -22,7 +22,6 @@ both (benchmarks/profile.py), `--paired` times conv variants and PyTorch in turn
 """
 
 import argparse
-import datetime
 import math
 import statistics
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 import jax
 
 from benchmarks import common
-from benchmarks.common import CONV_CHOICES, LOSSES, machine_info, write
+from benchmarks.common import CONV_CHOICES, LOSSES, result_header, write
 from benchmarks.paired import markdown_paired, run_paired
 from benchmarks.profile import add_estimates, jax_breakdown, profile_jax, step_flops
 from benchmarks.timing import loadavg, peak_rss_mb, time_calls
@@ -120,11 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     host_batch = setup.batcher.batch(0)
     batch = train.shard_batch(host_batch, setup.mesh)
     result: dict[str, Any] = {
-        "benchmark": "train_step",
-        "date": datetime.date.today().isoformat(),
-        "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "args": vars(args),
+        **result_header("train_step", args),
         "config": {
             "loss": config.loss.to_dict(),
             "attack": config.attack.to_dict(),

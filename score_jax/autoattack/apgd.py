@@ -252,6 +252,26 @@ def _runs(
     return jax.lax.stop_gradient(x_adv), robust
 
 
+def _apgd_runner(logits_fn, loss_of_run, x, labels, eps, norm, n_iter, rho, early_stop):
+    """run(r, keys, alive) for `_runs`: APGD on loss_of_run(r), stopping early if asked."""
+
+    def run(r, run_keys, alive):
+        return apgd_run(
+            logits_fn,
+            loss_of_run(r),
+            x,
+            labels,
+            run_keys,
+            eps=eps,
+            norm=norm,
+            n_iter=n_iter,
+            rho=rho,
+            active=alive if early_stop else None,
+        )
+
+    return run
+
+
 def _initial_robust(logits_fn: LogitsFn, x: Array, labels: Array, mask: Array | None):
     logits = logits_fn(x)
     robust = jnp.argmax(logits, axis=-1) == labels
@@ -279,24 +299,9 @@ def apgd_ce(
     robust is False for examples misclassified clean, broken by a run, or with mask 0.
     `early_stop`: a run ends once no example is left (`apgd_run`'s `active`; same flags).
     """
-    keys = _per_example_keys(key, x.shape[0])
     _, robust = _initial_robust(logits_fn, x, labels, mask)
-
-    def run(r, run_keys, alive):
-        return apgd_run(
-            logits_fn,
-            ce_loss,
-            x,
-            labels,
-            run_keys,
-            eps=eps,
-            norm=norm,
-            n_iter=n_iter,
-            rho=rho,
-            active=alive if early_stop else None,
-        )
-
-    return _runs(run, x, keys, robust, n_restarts)
+    run = _apgd_runner(logits_fn, lambda r: ce_loss, x, labels, eps, norm, n_iter, rho, early_stop)
+    return _runs(run, x, _per_example_keys(key, x.shape[0]), robust, n_restarts)
 
 
 def apgd_targeted(
@@ -331,20 +336,10 @@ def apgd_targeted(
     order = jnp.argsort(logits, axis=-1)
     first = 0 if target_index is None else target_index * n_restarts
 
-    def run(r, run_keys, alive):
+    def loss_of_run(r):
         target = jnp.take(order, num_classes - 2 - r // n_restarts, axis=1)
-        return apgd_run(
-            logits_fn,
-            lambda z, y: dlr_loss_targeted(z, y, target),
-            x,
-            labels,
-            run_keys,
-            eps=eps,
-            norm=norm,
-            n_iter=n_iter,
-            rho=rho,
-            active=alive if early_stop else None,
-        )
+        return lambda z, y: dlr_loss_targeted(z, y, target)
 
+    run = _apgd_runner(logits_fn, loss_of_run, x, labels, eps, norm, n_iter, rho, early_stop)
     num_runs = n_restarts if target_index is not None else n_target_classes * n_restarts
     return _runs(run, x, keys, robust, num_runs, first=first)
