@@ -195,6 +195,24 @@ def test_apgd_from_the_same_start_follows_the_reference(digits_model, norm, eps)
     assert size.max() <= eps + 1e-5
 
 
+def test_chunk_sizes_pad_little_and_stay_put():
+    """Chunks: equal, a multiple of the device count, at most the batch, padding under an eighth
+    of the batch per chunk; a stage keeps its size while the padding stays under a quarter."""
+    from score_jax.autoattack.suite import chunk_size
+
+    for batch, devices in ((360, 1), (180, 1), (32, 4), (512, 8)):
+        for n in range(1, 3 * batch):
+            size = chunk_size(n, batch, devices)
+            chunks = -(-n // size)
+            assert size % devices == 0 and size <= batch
+            assert chunks == -(-n // batch)  # no more calls than full batches would take
+            assert chunks * size - n < chunks * (batch / 8 + devices)
+    assert chunk_size(98, 360, 1) == 135  # 98 -> the next multiple of 45
+    assert chunk_size(90, 360, 1, current=135) == 90  # 135 would pad a third: re-chosen
+    assert chunk_size(135, 360, 1) == 135
+    assert chunk_size(135, 360, 1, current=180) == 180  # pads a quarter at most: kept
+
+
 @pytest.mark.parametrize("attack", ["apgd-t", "fab-t"])  # apgd-ce: the same apgd_run
 def test_early_stop_keeps_the_flags_and_stops(digits_model, attack):
     """`early_stop` ends a run once no example is left: on a batch with survivors the flags are
