@@ -2,6 +2,8 @@
 
 import ast
 import os
+import subprocess
+import sys
 
 from score_jax import config_lib
 
@@ -41,3 +43,18 @@ def digits_tiny_config():
             overrides[key] = value
     config.update_from_flattened_dict(overrides)
     return config
+
+
+def run_main(
+    *args: str, cwd: str = REPO, env_extra: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m score_jax.main *args` on the CPU, this checkout importable, output captured."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "score_jax.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from cli_helpers import AUTOATTACK_QUICK
+from cli_helpers import AUTOATTACK_QUICK, run_main
 from test_train import REPO, load_config, tiny_config
 
 from score_jax import checkpoint, config_checks, config_lib, optim, train, trainer
@@ -56,15 +56,7 @@ def workdir(trained, tmp_path) -> str:
 
 
 def _cli(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "score_jax.main", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_main(*args, timeout=timeout)
 
 
 def _fixture_args(workdir: str) -> list[str]:

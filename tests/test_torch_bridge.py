@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from cli_helpers import AUTOATTACK_QUICK
+from cli_helpers import AUTOATTACK_QUICK, run_main
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pyautoattack")
@@ -157,15 +157,7 @@ def test_build_torch_model_rejects_unknown_names():
 
 
 def _cli(*args, env_extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "score_jax.main", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_main(*args, env_extra={"OMP_NUM_THREADS": "1", **(env_extra or {})})
 
 
 # A short TRADES run on digits, small enough to train in seconds but better than chance.

@@ -1,15 +1,13 @@
 """The train step, the loop, resume, configs and bad-input errors (tiny models, offline data)."""
 
 import os
-import subprocess
-import sys
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import AUTOATTACK_QUICK
+from cli_helpers import AUTOATTACK_QUICK, run_main
 
 from score_jax import checkpoint, config_lib, data, evaluate, train, trainer
 from score_jax.errors import DivergedError
@@ -279,15 +277,7 @@ def test_cifar_ddpm_config_runs_two_steps_on_mock_data(tmp_path, mock_tfds):
 
 
 def _cli(*args, cwd=REPO):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "score_jax.main", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_main(*args, cwd=cwd)
 
 
 def test_cli_bad_override_is_one_clear_line(tmp_path):
