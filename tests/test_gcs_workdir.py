@@ -100,7 +100,8 @@ def test_train_kill_resume_evaluate_export_on_gcs(gcs_bucket, tmp_path):
     chex.assert_trees_all_equal(a, b)
     assert _train_lines(remote) == _train_lines(straight)
 
-    _run(remote, "--mode", "eval")
+    evaluated = _run(remote, "--mode", "eval")
+    assert f"best checkpoint (step {STEPS})" in evaluated.stdout
     results = workdir_io.read_json(f"{remote}/{trainer.RESULTS_FILE}")
     assert results["step"] == STEPS and results["test_ema"]["num_examples"] == 360
     config = json.loads(workdir_io.read_text(f"{remote}/config.json"))

@@ -93,7 +93,12 @@ def _train_lines(workdir):
 @pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    reference = background(_command(straight))  # the uninterrupted run, alongside
+    # The uninterrupted run first: the runs below then load its compiled programs from the
+    # session's persistent compilation cache (conftest.py) instead of compiling them again.
+    reference = background(_command(straight))
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-2000:]
+    assert f"step {STEPS}/{STEPS}: adv_accuracy " in out and " images/s" in out  # progress lines
 
     proc = background(_command(interrupted))
     _wait_for_steps(interrupted, proc, 4)
@@ -116,22 +121,6 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-2000:]
 
-    out, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, out[-2000:]
-    assert f"step {STEPS}/{STEPS}: adv_accuracy " in out and " images/s" in out  # progress lines
-
-    evaluation = subprocess.run(
-        [*_command(straight), "--mode", "eval"],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
-    assert f"best checkpoint (step {STEPS})" in evaluation.stdout
-    with open(straight / trainer.RESULTS_FILE) as f:
-        assert json.load(f)["test_ema"]["num_examples"] == 360
-
     (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
     assert step_a == step_b == STEPS
     chex.assert_trees_all_equal(a, b)  # params, EMA, BatchNorm statistics, optimizer state
@@ -139,13 +128,12 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background)
 
 
 @pytest.mark.slow
-def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_device(
-    tmp_path, background
-):
+def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_device(tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     killer = ("tests/kill_during_save.py", "9")  # SIGKILL once step 9's save is under way
     run = functools.partial(subprocess.run, cwd=REPO, env=_env(1), capture_output=True, text=True)
-    reference = background(_command(straight), devices=1)  # the uninterrupted run, alongside
+    reference = run(_command(straight), timeout=300)  # first: the runs below reuse its compiles
+    assert reference.returncode == 0, reference.stderr[-2000:]
     killed = run(_command(interrupted, killer), timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpt = checkpoint.Checkpointer(str(interrupted))
@@ -157,8 +145,6 @@ def test_kill_while_writing_a_checkpoint_then_resume_is_bit_identical_on_one_dev
     resumed = run(_command(interrupted), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming from" in resumed.stdout and "(step 6)" in resumed.stdout
-    out, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, out[-2000:]
     (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
     assert step_a == step_b == STEPS
     chex.assert_trees_all_equal(a, b)
