@@ -306,14 +306,29 @@ class MetricsLog:
         self.flush()
 
 
+def _import_summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without importing torch where it is not yet: with
+    torch installed, tensorboardX imports it (about a second) only to accept torch tensors, and
+    score_jax logs Python floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 def summary_writer(logdir: PathLike, **kwargs: Any):
     """A tensorboardX `SummaryWriter` for a local, `gs://` or `s3://` logdir.
 
     tensorboardX writes `gs://` through google-cloud-storage and uploads the whole event file at
     each flush (it cannot append either), so flush at the logging interval, not per scalar.
     """
-    from tensorboardX import SummaryWriter
-
+    SummaryWriter = _import_summary_writer()
     p = as_path(logdir)
     scheme = os.fspath(p).split("://", 1)[0] if is_remote(p) else ""
     if scheme not in ("", "gs", "s3"):

@@ -292,7 +292,7 @@ def test_wrong_dataset_and_missing_archive(tmp_path):
 
 def test_cli_trains_cifar10_basic_from_an_archive_without_tensorflow(tmp_path):
     """`python -m score_jax.main --config configs/cifar10_basic.py` on a tiny archive, with neither
-    TensorFlow nor tensorflow_datasets imported."""
+    TensorFlow nor tensorflow_datasets (nor torch) imported."""
     archive, _ = _make(tmp_path, "cifar10", np.random.default_rng(6), tar=True)
     workdir = tmp_path / "run"
     modules_file = tmp_path / "modules.json"
@@ -325,6 +325,7 @@ def test_cli_trains_cifar10_basic_from_an_archive_without_tensorflow(tmp_path):
     modules = set(json.load(open(modules_file)))
     assert "score_jax.data.cifar_archive" in modules
     assert "tensorflow" not in modules and "tensorflow_datasets" not in modules
+    assert "torch" not in modules  # TensorBoard's tensorboardX is imported without it
     results = json.load(open(workdir / "results.json"))
     assert results["step"] == 3
     config = json.load(open(workdir / "config.json"))
