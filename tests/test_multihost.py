@@ -82,8 +82,7 @@ def test_two_processes_match_one_process(tmp_path):
     # or saw one process's array metadata only).
     procs = [_launch(multi, 2, _process_flags(port, i)) for i in range(2)]
     outputs = _wait_all(procs, timeout=400)
-    # In this process (4 devices, conftest.py), as score_jax.main would: one start-up less.
-    trainer.train_and_evaluate(digits_tiny_config(), str(single))
+    _wait_all([_launch(single, 4, [])], timeout=400)
     assert "Test split" in outputs[0] and "Test split" not in outputs[1]  # process 0 reports
     if importlib.util.find_spec("torch") is not None:  # export: all restore, process 0 writes
         port = _free_port()
