@@ -7,8 +7,9 @@ Times, per implementation (median of `--steps` calls after one untimed call):
   fwd+bwd    value and gradient of sum(sin(conv(x, w))) w.r.t. x and w (the training loss's)
   fwd+x-grad value and gradient w.r.t. x only (one PGD iteration's), for JAX inside a
              `lax.fori_loop` of `--loop` iterations as the attack runs it, per iteration.
-JAX: `score_jax.models.layers`' "xla" (native convolution) and "im2col" (slices + one matrix
-product); PyTorch: `torch.nn.functional.conv2d` (oneDNN on CPU), same threads.
+JAX: `score_jax.models.layers`' "xla" (native convolution), "im2col" (slices + one matrix
+product) and "hybrid" (the native forward, im2col's gradients); PyTorch:
+`torch.nn.functional.conv2d` (oneDNN on CPU), same threads.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from benchmarks.timing import time_calls
 from score_jax.models import layers
 
 PAD = ((1, 1), (1, 1))
+JAX_IMPLS = ("xla", "im2col", "hybrid")
 
 
 def median_ms(fn: Callable[[], object], steps: int) -> float:
@@ -34,7 +36,7 @@ def median_ms(fn: Callable[[], object], steps: int) -> float:
 
 
 def jax_times(impl: str, x: np.ndarray, w: np.ndarray, steps: int, loop: int) -> dict:
-    conv = {"xla": layers.conv_xla, "im2col": layers.conv_im2col}[impl]
+    conv = getattr(layers, f"conv_{impl}")
     x, w = jnp.asarray(x), jnp.asarray(w)
 
     def loss(x, w):
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "conv",
         "args": vars(args),
         "gflop_fwd": 2 * args.batch * args.size**2 * 9 * c * c / 1e9,
-        "impls": {impl: jax_times(impl, x, w, args.steps, args.loop) for impl in ("xla", "im2col")},
+        "impls": {impl: jax_times(impl, x, w, args.steps, args.loop) for impl in JAX_IMPLS},
     }
     if not args.no_torch:
         result["impls"]["torch"] = torch_times(x, w, args.steps)

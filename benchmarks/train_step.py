@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--conv-impl",
         default="auto",
         choices=CONV_CHOICES,
-        help="the models' convolution (config.model.conv_impl; auto: im2col on CPU)",
+        help="the models' convolution (config.model.conv_impl; auto: hybrid on CPU)",
     )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--attack-steps", type=int, default=10, help="PGD steps in training")

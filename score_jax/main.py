@@ -43,7 +43,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Cross-process collectives between CPU devices (accelerators use their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -126,10 +126,12 @@ def test_checkpoint_schedule_matches_formula_and_reference():
         assert autoattack.checkpoint_schedule(n_iter) == seen, n_iter
 
 
-@pytest.mark.parametrize("dim", [7, 192])
-def test_fab_projections_match_reference(dim):
+@pytest.mark.parametrize("dim,levels", [(7, 0), (192, 0), (64, 17)])
+def test_fab_projections_match_reference(dim, levels):
     rng = np.random.default_rng(dim)
     t = rng.uniform(0.0, 1.0, (128, dim)).astype(np.float32)
+    if levels:  # pixel values on a grid (the digits' 17 grey levels): ties in the sorts
+        t = np.round(t * (levels - 1)).astype(np.float32) / (levels - 1)
     w = rng.normal(0.0, 1.0, (128, dim)).astype(np.float32)
     w[:, :2] = 0.0  # zero weights take the reference's masked branches
     b = (rng.normal(0.0, 1.0, (128,)) * np.sqrt(dim)).astype(np.float32)
@@ -142,6 +144,22 @@ def test_fab_projections_match_reference(dim):
         got = np.asarray(jax.jit(ours)(t, w, b))
         assert np.abs(want).max() > 0.1
         np.testing.assert_allclose(got, want, atol=5e-5)
+
+
+def test_fab_argsort_is_numpys_stable_argsort():
+    from score_jax.autoattack.fab import _argsort
+
+    rng = np.random.default_rng(0)
+    rows = np.concatenate(
+        [
+            rng.normal(size=(4, 50)) * 1e3,  # both signs, wide range
+            rng.integers(-3, 4, (4, 50)) / 2.0,  # ties, -0.0 and 0.0 among them
+            np.full((1, 50), 1e12),
+        ]
+    ).astype(np.float32)
+    rows[4, :5] = -0.0
+    got = np.asarray(jax.jit(jax.vmap(_argsort))(rows))
+    np.testing.assert_array_equal(got, np.argsort(rows, axis=1, kind="stable"))
 
 
 @pytest.mark.parametrize("rescale", [False, True])

@@ -105,7 +105,7 @@ def test_conv_benchmark(tmp_path):
     conv.main(["--batch", "2", "--size", "6", "--channels", "3", "--steps", "1", "--loop", "2"]
               + ["--json", str(out)])  # fmt: skip
     saved = json.loads(out.read_text())
-    assert set(saved["impls"]) == {"xla", "im2col", "torch"}
+    assert set(saved["impls"]) == {"xla", "im2col", "hybrid", "torch"}
     for name, times in saved["impls"].items():
         assert_positive(times, ("fwd_ms", "fwd_bwd_ms", "fwd_xgrad_ms"), name)
 

@@ -117,7 +117,7 @@ def _count(tree) -> int:
         (8, 1, 1, ((0, 0), (0, 0))),
     ],
 )
-def test_im2col_matches_xla_forward_and_gradients(hw, k, stride, padding):
+def test_im2col_and_hybrid_match_xla_forward_and_gradients(hw, k, stride, padding):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, hw, hw, 5)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
@@ -127,23 +127,24 @@ def test_im2col_matches_xla_forward_and_gradients(hw, k, stride, padding):
     @jax.jit
     def both(x, kernel, cot):
         outs = []
-        for conv in (layers.conv_xla, layers.conv_im2col):
+        for conv in (layers.conv_xla, layers.conv_im2col, layers.conv_hybrid):
             y, vjp = jax.vjp(
                 lambda x, w, conv=conv: conv(x, w, (stride, stride), padding), x, kernel
             )
             outs.append((y, *vjp(cot)))
         return outs
 
-    ref, got = both(x, kernel, cot)
-    chex.assert_shape(got, [(2, ho, ho, 6), x.shape, kernel.shape])
-    for r, g in zip(ref, got, strict=True):
-        chex.assert_trees_all_close(g, r, atol=1e-5 * float(jnp.max(jnp.abs(r))), rtol=1e-5)
+    ref, *others = both(x, kernel, cot)
+    for got in others:
+        chex.assert_shape(got, [(2, ho, ho, 6), x.shape, kernel.shape])
+        for r, g in zip(ref, got, strict=True):
+            chex.assert_trees_all_close(g, r, atol=1e-5 * float(jnp.max(jnp.abs(r))), rtol=1e-5)
 
 
 def test_conv_module_param_tree_independent_of_impl():
     x = _images(0, (2, 8, 8, 3))
     variables, outs = None, {}
-    for impl in ("xla", "im2col", "auto"):
+    for impl in ("xla", "im2col", "hybrid", "auto"):
         conv = Conv(4, (3, 3), (2, 2), ((0, 1), (0, 1)), impl=impl)
         abstract = jax.eval_shape(conv.init, jax.random.key(0), x)
         assert _paths(abstract) == {"params/kernel"}
@@ -151,7 +152,8 @@ def test_conv_module_param_tree_independent_of_impl():
         variables = variables or {"params": {"kernel": _images(1, (3, 3, 3, 4))}}
         outs[impl] = conv.apply(variables, x)
     chex.assert_trees_all_close(outs["im2col"], outs["xla"], atol=1e-5)
-    assert layers.resolve_conv_impl("auto") == "im2col"  # Tests run on CPU.
+    chex.assert_trees_all_close(outs["hybrid"], outs["xla"], atol=1e-5)
+    assert layers.resolve_conv_impl("auto") == "hybrid"  # Tests run on CPU.
 
 
 def test_small_wrn_same_logits_with_both_impls():

@@ -46,6 +46,19 @@ def _bisect(n: int, test: Callable[[Array], Array]) -> Array:
     return lb.astype(jnp.int32)
 
 
+def _argsort(v: Array) -> Array:
+    """`jnp.argsort(v)` of a float vector (stable, -0.0 equal to 0.0) as two one-operand integer
+    sorts, which XLA:CPU runs about 10x faster than the sort carrying the indices: the key of
+    element i is n * (the position of its value's first occurrence among the sorted values) + i."""
+    n = v.shape[0]
+    if n * n >= 2**31:
+        return jnp.argsort(v)
+    bits = jax.lax.bitcast_convert_type(jnp.where(v == 0, 0.0, v).astype(jnp.float32), jnp.int32)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # integer order = float order
+    first = jnp.searchsorted(jax.lax.sort(keys), keys, side="left").astype(jnp.int32)
+    return jax.lax.sort(first * n + jnp.arange(n, dtype=jnp.int32)) % n
+
+
 def _projection_linf_row(t: Array, w: Array, b: Array) -> Array:
     """min ||d||_inf s.t. <w, t + d> = b, t + d in [0, 1]^n (one row)."""
     n = t.shape[0]
@@ -55,7 +68,7 @@ def _projection_linf_row(t: Array, w: Array, b: Array) -> Array:
     nz = (w != 0).astype(t.dtype)
     d = (a - t) * nz
     p = a - t * (2 * a - 1)
-    indp = jnp.argsort(p)
+    indp = _argsort(p)
     b = b - jnp.dot(w, t)
     b0 = jnp.dot(w, d)
     indp2 = indp[::-1]
@@ -85,7 +98,7 @@ def _projection_l2_row(t: Array, w: Array, b: Array) -> Array:
     r = jnp.clip(jnp.maximum(t / w, (t - 1) / w), -1e12, 1e12)
     r = jnp.where(small, 1e12, r)
     r = jnp.where(r == -1e12, 1e12, r)
-    indr = jnp.argsort(r)
+    indr = _argsort(r)
     rs = r[indr]
     rs2 = jnp.concatenate([rs[1:], jnp.zeros((1,), rs.dtype)])
     rs = jnp.where(rs == 1e12, 0.0, rs)

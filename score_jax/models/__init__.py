@@ -124,7 +124,7 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
     """Builds the model `name` with `num_classes` outputs; `kw` are the model's fields.
 
     Common fields: mean, std, activation ("silu" | "relu"), bn_axis_name, conv_impl
-    ("xla" | "im2col" | "auto"), dtype, init_scheme ("default" | "torch": PyTorch's default
+    ("xla" | "im2col" | "hybrid" | "auto"), dtype, init_scheme ("default" | "torch": PyTorch's default
     initialisation of convolutions and linear layers).
     """
     make = architecture(name).flax

@@ -22,7 +22,7 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-CONV_IMPLS = ("xla", "im2col", "auto")
+CONV_IMPLS = ("xla", "im2col", "hybrid", "auto")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "relu": nn.relu}
 
 # He-normal (fan_out), as torchvision initialises ResNet convolutions.
@@ -58,11 +58,11 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def resolve_conv_impl(impl: str) -> str:
-    """Maps "auto" to "im2col" on CPU and "xla" elsewhere; validates the name."""
+    """Maps "auto" to "hybrid" on CPU and "xla" elsewhere; validates the name."""
     if impl not in CONV_IMPLS:
         raise ConfigError(f"Unknown conv_impl {impl!r}; valid: {', '.join(CONV_IMPLS)}.")
     if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
+        return "hybrid" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 
@@ -100,11 +100,31 @@ def conv_im2col(
     return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
 
 
+def conv_hybrid(
+    x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
+    """XLA's native convolution forward, im2col's gradients (a `custom_vjp`)."""
+
+    @jax.custom_vjp
+    def conv(x, kernel):
+        return conv_xla(x, kernel, strides, padding)
+
+    def fwd(x, kernel):
+        return conv(x, kernel), (x, kernel)
+
+    def bwd(res, g):
+        _, vjp = jax.vjp(lambda a, k: conv_im2col(a, k, strides, padding), *res)
+        return vjp(g)
+
+    conv.defvjp(fwd, bwd)
+    return conv(x, kernel)
+
+
 class Conv(nn.Module):
     """2-D convolution (NHWC, HWIO `kernel`) with explicit padding and a choice of implementation.
 
     The parameter tree is the same for every `impl`: "xla" (native), "im2col" (slices + dot),
-    "auto" (im2col on CPU, xla elsewhere).
+    "hybrid" (xla's forward, im2col's gradients), "auto" (hybrid on CPU, xla elsewhere).
     """
 
     features: int
@@ -127,7 +147,7 @@ class Conv(nn.Module):
             self.param_dtype,
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        conv = conv_im2col if impl == "im2col" else conv_xla
+        conv = {"im2col": conv_im2col, "hybrid": conv_hybrid, "xla": conv_xla}[impl]
         y = conv(x, kernel, self.strides, self.padding)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
