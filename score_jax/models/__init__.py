@@ -124,8 +124,8 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
     """Builds the model `name` with `num_classes` outputs; `kw` are the model's fields.
 
     Common fields: mean, std, activation ("silu" | "relu"), bn_axis_name, conv_impl
-    ("xla" | "im2col" | "hybrid" | "auto"), dtype, init_scheme ("default" | "torch": PyTorch's default
-    initialisation of convolutions and linear layers).
+    ("xla" | "im2col" | "hybrid" | "auto"), dtype, init_scheme ("default" | "torch": PyTorch's
+    default initialisation of convolutions and linear layers).
     """
     make = architecture(name).flax
     if "activation" in kw:
