@@ -9,15 +9,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One persistent compilation cache per test session, shared with the CLI subprocesses the tests
 # start (they inherit the environment): identical tiny train steps compile once, not per test.
+# The session that made it (the xdist controller) removes it at the end.
+_CACHE_MADE_HERE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="score_jax_xla_cache_")
+    _CACHE_MADE_HERE = tempfile.mkdtemp(prefix="score_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_MADE_HERE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import functools  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -54,3 +58,8 @@ def gcs_bucket():
 
     with GcsEmulator() as emulator:
         yield f"gs://{emulator.bucket}"
+
+
+def pytest_sessionfinish(session):
+    if _CACHE_MADE_HERE is not None:
+        shutil.rmtree(_CACHE_MADE_HERE, ignore_errors=True)
