@@ -354,20 +354,26 @@ def test_standard_suite_matches_pyautoattack_per_stage(digits_model):
 
 def test_square_alone_matches_reference(digits_model):
     """Square's randomness is its own (per-example keys vs one torch stream): on the 540 held-out
-    digits the robust accuracies agree within 1%. FAB-T and Square break little after APGD in
-    the suite test, so this is where Square's parity is measured."""
+    digits the robust accuracies, each the mean of 8 runs with different seeds, agree within 1%
+    (one run's accuracy varies by ~1% from seed to seed on either side). FAB-T and Square break
+    little after APGD in the suite test, so this is where Square's parity is measured."""
     ds, model, variables, tm = digits_model
     x = np.concatenate([ds.validation.images, ds.test.images]).astype(np.float32) / 255.0
     y = np.concatenate([ds.validation.labels, ds.test.labels]).astype(np.int32)
     logits_fn = lambda z: model.apply(variables, z, train=False)  # noqa: E731
-    _, robust = jax.jit(
-        lambda: autoattack.square_attack(logits_fn, x, y, jax.random.key(0), eps=EPS, n_queries=100)
-    )()
-    ref = SquareAttack(tm, n_queries=100, eps=EPS, p_init=0.8, resc_schedule=False, device="cpu")
+    square = jax.jit(
+        lambda key: autoattack.square_attack(logits_fn, x, y, key, eps=EPS, n_queries=100)[1]
+    )
+    got = np.mean([np.mean(np.asarray(square(jax.random.key(s)))) for s in range(8)])
     yt = torch.from_numpy(y).long()
-    with torch.no_grad():
-        want = (tm(ref.perturb(_torch(x), yt)).argmax(1) == yt).float().mean().item()
-    got = float(np.mean(np.asarray(robust)))
+    runs = []
+    for seed in range(8):
+        ref = SquareAttack(
+            tm, n_queries=100, eps=EPS, p_init=0.8, resc_schedule=False, device="cpu", seed=seed
+        )
+        with torch.no_grad():
+            runs.append((tm(ref.perturb(_torch(x), yt)).argmax(1) == yt).float().mean().item())
+    want = float(np.mean(runs))
     print("square jax", got, "pyautoattack", want)
     assert 0.2 < want < 0.9
     assert abs(got - want) <= 0.01
