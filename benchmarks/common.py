@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.timing import loadavg, peak_rss_mb, time_calls
-from score_jax import config_lib, data, models, train
+from score_jax import config_lib, data, models, train, xla_options
 from score_jax.models import layers
 from score_jax.setup import Setup
 
@@ -75,6 +75,7 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": xla_options.compiler_options(),
         "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""),
     }
 

@@ -8,8 +8,9 @@ Times, per implementation (median of `--steps` calls after one untimed call):
   fwd+x-grad value and gradient w.r.t. x only (one PGD iteration's), for JAX inside a
              `lax.fori_loop` of `--loop` iterations as the attack runs it, per iteration.
 JAX: `score_jax.models.layers`' "xla" (native convolution), "im2col" (slices + one matrix
-product) and "hybrid" (the native forward, im2col's gradients); PyTorch:
-`torch.nn.functional.conv2d` (oneDNN on CPU), same threads.
+product) and "hybrid" (the native forward, im2col's gradients), compiled with the steps' own
+`xla_options.compiler_options()`; PyTorch: `torch.nn.functional.conv2d` (oneDNN on CPU), same
+threads.
 """
 
 import argparse
@@ -23,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from benchmarks.timing import time_calls
+from score_jax import xla_options
 from score_jax.models import layers
 
 PAD = ((1, 1), (1, 1))
@@ -42,10 +45,10 @@ def jax_times(impl: str, x: np.ndarray, w: np.ndarray, steps: int, loop: int) ->
     def loss(x, w):
         return jnp.sum(jnp.sin(conv(x, w, (1, 1), PAD)))
 
-    fwd = jax.jit(lambda x, w: conv(x, w, (1, 1), PAD))
-    fwd_bwd = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    fwd = xla_options.jit(lambda x, w: conv(x, w, (1, 1), PAD))
+    fwd_bwd = xla_options.jit(jax.value_and_grad(loss, (0, 1)))
 
-    @jax.jit
+    @xla_options.jit
     def attack(x, w):
         def body(_, d):
             return d + 1e-3 * jnp.sign(jax.grad(lambda d: loss(x + d, w))(d))
@@ -99,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = rng.normal(size=(args.batch, args.size, args.size, c)).astype(np.float32)
     w = (rng.normal(size=(3, 3, c, c)) * (2.0 / (9 * c)) ** 0.5).astype(np.float32)
     result = {
-        "benchmark": "conv",
-        "args": vars(args),
+        **common.result_header("conv", args),
         "gflop_fwd": 2 * args.batch * args.size**2 * 9 * c * c / 1e9,
         "impls": {impl: jax_times(impl, x, w, args.steps, args.loop) for impl in JAX_IMPLS},
     }

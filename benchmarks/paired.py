@@ -5,7 +5,9 @@
 The compiled JAX step of each conv variant (`Setup.compile_train_step`) and the PyTorch step
 (benchmarks/torch_reference.py, in this process) are called in turn, one step each per round:
 every round sees the same machine load, so the per-round ratios stay meaningful on a shared
-machine where the load drifts.
+machine where the load drifts. A variant `<conv>+ynn-conv` compiles with jaxlib's default
+YNNPACK fusions, convolutions included (`JAXLIB_YNN_FUSIONS`), instead of the steps' own
+`xla_options.compiler_options()`.
 """
 
 import argparse
@@ -20,7 +22,11 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.timing import loadavg, peak_rss_mb, time_calls
-from score_jax import train
+from score_jax import train, xla_options
+
+YNN_CONV = "+ynn-conv"
+# jaxlib 0.10.2's default list (the same compiled program as no option at all).
+JAXLIB_YNN_FUSIONS = xla_options.CPU_YNN_FUSIONS + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 
 
 def run_paired(args: argparse.Namespace) -> dict:
@@ -32,10 +38,11 @@ def run_paired(args: argparse.Namespace) -> dict:
     from score_jax.torch_bridge.models import build_torch_model
 
     variants = [v for v in args.paired.split(",") if v]
-    unknown = set(variants) - set(common.CONV_CHOICES)
+    unknown = {v for v in variants if v.removesuffix(YNN_CONV) not in common.CONV_CHOICES}
     if unknown:
         raise ValueError(
-            f"--paired: unknown conv variants {sorted(unknown)}; valid {common.CONV_CHOICES}"
+            f"--paired: unknown conv variants {sorted(unknown)}; valid {common.CONV_CHOICES}, "
+            f"each optionally with {YNN_CONV!r}"
         )
     dataset = common.synthetic_dataset(args.image_size, max(4 * args.batch, 256))
     runners: dict[str, Callable[[], object]] = {}
@@ -43,7 +50,7 @@ def run_paired(args: argparse.Namespace) -> dict:
     setup = None
     for v in variants:
         config = common.make_config(
-            args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=v,
+            args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=v.removesuffix(YNN_CONV),
             attack_steps=args.attack_steps,
         )  # fmt: skip
         setup = common.bench_setup(config, dataset, args.devices)
@@ -51,8 +58,14 @@ def run_paired(args: argparse.Namespace) -> dict:
         batch = train.shard_batch(setup.batcher.batch(0), setup.mesh)
         key = common.device_key(setup)
         t0 = time.perf_counter()
-        compiled = setup.compile_train_step().lower(state, batch, key).compile()
-        out[v] = {"compile_s": time.perf_counter() - t0, "step_s_all": []}
+        options = {xla_options.YNN_FUSION_OPTION: JAXLIB_YNN_FUSIONS} if YNN_CONV in v else None
+        lowered = setup.compile_train_step().lower(state, batch, key)
+        compiled = lowered.compile(compiler_options=options)
+        out[v] = {
+            "compile_s": time.perf_counter() - t0,
+            "compiler_options": options or xla_options.compiler_options(),
+            "step_s_all": [],
+        }
         if not runners:
             initial = jax.device_get(state)
         holder = {"state": state}

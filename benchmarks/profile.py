@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks.common import flops_of
 from benchmarks.timing import time_calls
-from score_jax import train
+from score_jax import train, xla_options
 from score_jax.setup import Setup
 
 
@@ -87,18 +87,22 @@ def jax_breakdown(setup: Setup, state, host_batch: dict, steps: int, warmup: int
     x = jnp.asarray(host_batch["image"], jnp.float32) / 255.0
     labels = jnp.asarray(host_batch["label"])
     keys = jax.random.split(jax.random.key(0), x.shape[0])
-    forward = jax.jit(lambda st, x: train.apply_train(model, st.params, st.batch_stats, x)[0])
-    forward_eval = jax.jit(
+    forward = xla_options.jit(
+        lambda st, x: train.apply_train(model, st.params, st.batch_stats, x)[0]
+    )
+    forward_eval = xla_options.jit(
         lambda st, x: model.apply({"params": st.params, "batch_stats": st.batch_stats}, x, False)
     )
-    attack = jax.jit(lambda st, x: train.adversarial_examples(model, c, st, x, labels, keys)[0])
+    attack = xla_options.jit(
+        lambda st, x: train.adversarial_examples(model, c, st, x, labels, keys)[0]
+    )
 
-    @jax.jit
+    @xla_options.jit
     def loss_grad(st, x_adv):
         loss_fn = train.make_loss_fn(model, c, st.batch_stats, x, x_adv, labels)
         return jax.value_and_grad(loss_fn, has_aux=True)(st.params)
 
-    @jax.jit
+    @xla_options.jit
     def update(st, grads):
         return train.update(st, grads, st.batch_stats, c.ema.decay, setup.ema_warmup_steps)
 

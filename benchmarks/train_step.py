@@ -189,7 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paired",
         default="",
-        help="comma list of conv variants (e.g. im2col,xla): time them and PyTorch in turn, "
+        help="comma list of conv variants (e.g. im2col,xla,hybrid+ynn-conv; benchmarks/paired.py): "
+        "time them and PyTorch in turn, "
         "one step each per round, PyTorch in this process (ignores --conv-impl, --breakdown, "
         "--profile)",
     )

@@ -19,7 +19,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from score_jax import attacks, data, losses, optim
+from score_jax import attacks, data, losses, optim, xla_options
 
 AXIS = "batch"
 LOSS_METHODS = ("trades", "pgd_at")
@@ -321,7 +321,7 @@ def compile_train_step(
     mapped = jax.shard_map(
         step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False
     )
-    return jax.jit(mapped, donate_argnums=0)
+    return xla_options.jit(mapped, donate_argnums=0)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

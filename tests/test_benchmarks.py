@@ -10,6 +10,7 @@ pytest.importorskip("torch")
 
 from benchmarks import conv, torch_reference, train_step  # noqa: E402
 from benchmarks import eval as eval_bench  # noqa: E402
+from score_jax import xla_options  # noqa: E402
 
 TINY = ["--model", "small-cnn", "--batch", "8", "--image-size", "8", "--conv-impl", "xla"]
 TINY += ["--steps", "2", "--warmup", "0", "--devices", "1"]
@@ -112,10 +113,14 @@ def test_conv_benchmark(tmp_path):
 
 def test_paired_train_step_benchmark(tmp_path):
     out = tmp_path / "paired.json"
-    train_step.main([*TINY, "--attack-steps", "2", "--paired", "xla", "--json", str(out)])
+    paired = "xla,xla+ynn-conv"
+    train_step.main([*TINY, "--attack-steps", "2", "--paired", paired, "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "train_step_paired" and len(saved["rounds"]) == 2
-    assert set(saved["variants"]) == {"xla", "torch"}
+    assert set(saved["variants"]) == {"xla", "xla+ynn-conv", "torch"}
+    options = saved["variants"]["xla+ynn-conv"]["compiler_options"]
+    assert "INDIVIDUAL_CONVOLUTION" in options[xla_options.YNN_FUSION_OPTION]
+    assert saved["variants"]["xla"]["compiler_options"] == xla_options.compiler_options()
     for name, v in saved["variants"].items():
         assert len(v["step_s_all"]) == 2 and v["images_per_s"] > 0, name
-    assert_positive(saved["ratio_jax_over_torch"], ("xla",), "ratio")
+    assert_positive(saved["ratio_jax_over_torch"], ("xla", "xla+ynn-conv"), "ratio")

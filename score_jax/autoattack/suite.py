@@ -29,7 +29,7 @@ from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from score_jax import data
+from score_jax import data, xla_options
 from score_jax.autoattack import apgd, fab, square
 from score_jax.errors import ConfigError
 from score_jax.train import AXIS, shard_batch
@@ -139,7 +139,7 @@ def make_stage_fns(
 
     def wrap(fn, targeted=False):
         in_specs = (P(), P(AXIS), P()) if targeted else (P(), P(AXIS))
-        return jax.jit(
+        return xla_options.jit(
             jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False)
         )
 
