@@ -229,6 +229,3 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

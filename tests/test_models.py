@@ -115,6 +115,9 @@ def _count(tree) -> int:
         (8, 3, 2, ((0, 1), (0, 1))),
         (8, 1, 2, ((0, 0), (0, 0))),
         (8, 1, 1, ((0, 0), (0, 0))),
+        (8, 3, 1, ((0, 2), (2, 0))),  # stride 1: hybrid's native input gradient
+        (8, 3, 1, ((0, 0), (0, 0))),
+        (6, 1, 1, ((1, 0), (0, 1))),  # padding > k - 1: im2col's input gradient
     ],
 )
 def test_im2col_and_hybrid_match_xla_forward_and_gradients(hw, k, stride, padding):

@@ -100,10 +100,29 @@ def conv_im2col(
     return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
 
 
+def _input_grad_xla(g: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
+    """d conv(x, kernel) / d x, contracted with g, of a stride-1 convolution with padding p:
+    g correlated with the spatially flipped kernel, its in/out channels swapped, padding
+    k - 1 - p. Written out (an HWIO kernel) so that XLA:CPU runs its canonical convolution: JAX's
+    transpose rule leaves the kernel's channels swapped (`01oi`), which XLA re-lays out outside
+    loops but not inside one, where it ran 2.8x slower (64 channels, 32x32, batch 64)."""
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    pad = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], padding, strict=True)]
+    return conv_xla(g, flipped, (1, 1), pad)
+
+
 def conv_hybrid(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
 ) -> jax.Array:
-    """XLA's native convolution forward, im2col's gradients (a `custom_vjp`)."""
+    """XLA's native convolution forward; each gradient from whichever of native and im2col
+    XLA:CPU runs faster (a `custom_vjp`, benchmarks/README.md): the input gradient natively
+    at stride 1 (`_input_grad_xla`), im2col's when strided; the kernel gradient natively
+    except for 1x1 kernels (im2col's: one matrix product)."""
+    kh, kw = kernel.shape[:2]
+    native_dx = tuple(strides) == (1, 1) and all(
+        0 <= p <= k - 1 for k, pair in zip((kh, kw), padding, strict=True) for p in pair
+    )
+    native_dw = (kh, kw) != (1, 1)
 
     @jax.custom_vjp
     def conv(x, kernel):
@@ -113,8 +132,17 @@ def conv_hybrid(
         return conv(x, kernel), (x, kernel)
 
     def bwd(res, g):
-        _, vjp = jax.vjp(lambda a, k: conv_im2col(a, k, strides, padding), *res)
-        return vjp(g)
+        x, kernel = res
+        if not (native_dx and native_dw):
+            _, im2col_vjp = jax.vjp(lambda a, k: conv_im2col(a, k, strides, padding), x, kernel)
+            dx_im2col, dw_im2col = im2col_vjp(g)
+        dx = _input_grad_xla(g, kernel, padding) if native_dx else dx_im2col
+        if native_dw:
+            _, kernel_vjp = jax.vjp(lambda k: conv_xla(x, k, strides, padding), kernel)
+            (dw,) = kernel_vjp(g)
+        else:
+            dw = dw_im2col
+        return dx, dw
 
     conv.defvjp(fwd, bwd)
     return conv(x, kernel)
@@ -124,7 +152,8 @@ class Conv(nn.Module):
     """2-D convolution (NHWC, HWIO `kernel`) with explicit padding and a choice of implementation.
 
     The parameter tree is the same for every `impl`: "xla" (native), "im2col" (slices + dot),
-    "hybrid" (xla's forward, im2col's gradients), "auto" (hybrid on CPU, xla elsewhere).
+    "hybrid" (xla's forward, per gradient native or im2col), "auto" (hybrid on CPU, xla
+    elsewhere).
     """
 
     features: int
