@@ -7,6 +7,8 @@ Times, per implementation (median of `--steps` calls after one untimed call):
   fwd+bwd    value and gradient of sum(sin(conv(x, w))) w.r.t. x and w (the training loss's)
   fwd+x-grad value and gradient w.r.t. x only (one PGD iteration's), for JAX inside a
              `lax.fori_loop` of `--loop` iterations as the attack runs it, per iteration.
+`--layers wrn-16-4` instead times, for each convolution shape of WRN-16-4 (batch `--batch`),
+the forward, the kernel gradient and the input gradient alone (one jitted vjp each).
 JAX: `score_jax.models.layers`' "xla" (native convolution), "im2col" (slices + one matrix
 product) and "hybrid" (the native forward, im2col's gradients), compiled with the steps' own
 `xla_options.compiler_options()`; PyTorch: `torch.nn.functional.conv2d` (oneDNN on CPU), same
@@ -31,6 +33,20 @@ from score_jax.models import layers
 
 PAD = ((1, 1), (1, 1))
 JAX_IMPLS = ("xla", "im2col", "hybrid")
+# (height = width, in channels, out channels, kernel, stride) of each WRN-16-4 convolution;
+# padding 1 for 3x3, 0 for 1x1.
+WRN_16_4_LAYERS = (
+    (32, 3, 16, 3, 1),
+    (32, 16, 64, 3, 1),
+    (32, 64, 64, 3, 1),
+    (32, 16, 64, 1, 1),
+    (32, 64, 128, 3, 2),
+    (16, 128, 128, 3, 1),
+    (32, 64, 128, 1, 2),
+    (16, 128, 256, 3, 2),
+    (8, 256, 256, 3, 1),
+    (16, 128, 256, 1, 2),
+)
 
 
 def median_ms(fn: Callable[[], object], steps: int) -> float:
@@ -59,6 +75,30 @@ def jax_times(impl: str, x: np.ndarray, w: np.ndarray, steps: int, loop: int) ->
         "fwd_ms": median_ms(lambda: jax.block_until_ready(fwd(x, w)), steps),
         "fwd_bwd_ms": median_ms(lambda: jax.block_until_ready(fwd_bwd(x, w)), steps),
         "fwd_xgrad_ms": median_ms(lambda: jax.block_until_ready(attack(x, w)), steps) / loop,
+    }
+
+
+def layer_times(impl: str, layer: tuple, batch: int, steps: int) -> dict:
+    """ms of the forward, the kernel gradient and the input gradient of one WRN layer shape."""
+    size, cin, cout, k, stride = layer
+    conv = getattr(layers, f"conv_{impl}")
+    pad, strides = ((k // 2, k // 2),) * 2, (stride, stride)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) * (2.0 / (k * k * cin)) ** 0.5, jnp.float32)
+    fwd = xla_options.jit(lambda x, w: conv(x, w, strides, pad))
+    g = jnp.ones(jax.eval_shape(fwd, x, w).shape, jnp.float32)
+
+    def grad(arg):
+        return xla_options.jit(
+            lambda x, w, g: jax.vjp(lambda a, b: conv(a, b, strides, pad), x, w)[1](g)[arg]
+        )
+
+    dw, dx = grad(1), grad(0)
+    return {
+        "fwd_ms": median_ms(lambda: jax.block_until_ready(fwd(x, w)), steps),
+        "kernel_grad_ms": median_ms(lambda: jax.block_until_ready(dw(x, w, g)), steps),
+        "input_grad_ms": median_ms(lambda: jax.block_until_ready(dx(x, w, g)), steps),
     }
 
 
@@ -95,8 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--loop", type=int, default=4, help="attack iterations in the fori_loop")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--layers", choices=["wrn-16-4"], help="time each layer shape's gradients")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
+    if args.layers:
+        return main_layers(args)
     rng = np.random.default_rng(0)
     c = args.channels
     x = rng.normal(size=(args.batch, args.size, args.size, c)).astype(np.float32)
@@ -114,6 +157,27 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|")
     for name, t in result["impls"].items():
         print(f"| {name} | {t['fwd_ms']:.1f} | {t['fwd_bwd_ms']:.1f} | {t['fwd_xgrad_ms']:.1f} |")
+    return result
+
+
+def main_layers(args: argparse.Namespace) -> dict:
+    rows = [
+        {
+            "layer": dict(zip(("size", "cin", "cout", "kernel", "stride"), layer, strict=True)),
+            **{impl: layer_times(impl, layer, args.batch, args.steps) for impl in JAX_IMPLS},
+        }
+        for layer in WRN_16_4_LAYERS
+    ]
+    result = {**common.result_header("conv_layers", args), "layers": rows}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    parts = ("fwd_ms", "kernel_grad_ms", "input_grad_ms")
+    print("| layer | " + " | ".join(f"{p} {i}" for p in parts for i in JAX_IMPLS) + " |")
+    print("|---|" + "---|" * (len(parts) * len(JAX_IMPLS)))
+    for row in rows:
+        size, cin, cout, k, stride = row["layer"].values()
+        cells = " | ".join(f"{row[i][p]:.1f}" for p in parts for i in JAX_IMPLS)
+        print(f"| {size}px {cin}->{cout} {k}x{k} s{stride} | {cells} |")
     return result
 
 

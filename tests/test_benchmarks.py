@@ -111,6 +111,16 @@ def test_conv_benchmark(tmp_path):
         assert_positive(times, ("fwd_ms", "fwd_bwd_ms", "fwd_xgrad_ms"), name)
 
 
+def test_conv_layers_benchmark(tmp_path):
+    out = tmp_path / "layers.json"
+    conv.main(["--layers", "wrn-16-4", "--batch", "1", "--steps", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [tuple(r["layer"].values()) for r in saved["layers"]] == list(conv.WRN_16_4_LAYERS)
+    for row in saved["layers"]:
+        for impl in conv.JAX_IMPLS:
+            assert_positive(row[impl], ("fwd_ms", "kernel_grad_ms", "input_grad_ms"), impl)
+
+
 def test_paired_train_step_benchmark(tmp_path):
     out = tmp_path / "paired.json"
     paired = "xla,xla+ynn-conv"

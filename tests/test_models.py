@@ -115,15 +115,16 @@ def _count(tree) -> int:
         (8, 3, 2, ((0, 1), (0, 1))),
         (8, 1, 2, ((0, 0), (0, 0))),
         (8, 1, 1, ((0, 0), (0, 0))),
-        (8, 3, 1, ((0, 2), (2, 0))),  # stride 1: hybrid's native input gradient
+        (8, 3, 1, ((0, 2), (2, 0))),  # stride 1: hybrid's native input gradient (cin 16)
         (8, 3, 1, ((0, 0), (0, 0))),
         (6, 1, 1, ((1, 0), (0, 1))),  # padding > k - 1: im2col's input gradient
     ],
 )
-def test_im2col_and_hybrid_match_xla_forward_and_gradients(hw, k, stride, padding):
+@pytest.mark.parametrize("cin", [5, 16])  # hybrid's native input gradient needs >= 16
+def test_im2col_and_hybrid_match_xla_forward_and_gradients(hw, k, stride, padding, cin):
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(2, hw, hw, 5)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, hw, hw, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, cin, 6)), jnp.float32)
     ho = (hw + sum(padding[0]) - k) // stride + 1
     cot = jnp.asarray(rng.normal(size=(2, ho, ho, 6)), jnp.float32)
 

@@ -116,11 +116,13 @@ def conv_hybrid(
 ) -> jax.Array:
     """XLA's native convolution forward; each gradient from whichever of native and im2col
     XLA:CPU runs faster (a `custom_vjp`, benchmarks/README.md): the input gradient natively
-    at stride 1 (`_input_grad_xla`), im2col's when strided; the kernel gradient natively
-    except for 1x1 kernels (im2col's: one matrix product)."""
-    kh, kw = kernel.shape[:2]
-    native_dx = tuple(strides) == (1, 1) and all(
-        0 <= p <= k - 1 for k, pair in zip((kh, kw), padding, strict=True) for p in pair
+    at stride 1 with at least 16 input channels (`_input_grad_xla`), im2col's otherwise; the
+    kernel gradient natively except for 1x1 kernels (im2col's: one matrix product)."""
+    kh, kw, cin, _ = kernel.shape
+    native_dx = (
+        tuple(strides) == (1, 1)
+        and cin >= 16
+        and all(0 <= p <= k - 1 for k, pair in zip((kh, kw), padding, strict=True) for p in pair)
     )
     native_dw = (kh, kw) != (1, 1)
 
