@@ -117,7 +117,8 @@ def _count(tree) -> int:
         (8, 1, 1, ((0, 0), (0, 0))),
         (8, 3, 1, ((0, 2), (2, 0))),  # stride 1: hybrid's native input gradient (cin 16)
         (8, 3, 1, ((0, 0), (0, 0))),
-        (6, 1, 1, ((1, 0), (0, 1))),  # padding > k - 1: im2col's input gradient
+        (8, 3, 1, ((3, 0), (0, 3))),  # padding > k - 1: im2col's input gradient
+        (6, 1, 1, ((1, 0), (0, 1))),
     ],
 )
 @pytest.mark.parametrize("cin", [5, 16])  # hybrid's native input gradient needs >= 16

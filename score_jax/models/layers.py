@@ -115,16 +115,18 @@ def conv_hybrid(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
 ) -> jax.Array:
     """XLA's native convolution forward; each gradient from whichever of native and im2col
-    XLA:CPU runs faster (a `custom_vjp`, benchmarks/README.md): the input gradient natively
-    at stride 1 with at least 16 input channels (`_input_grad_xla`), im2col's otherwise; the
-    kernel gradient natively except for 1x1 kernels (im2col's: one matrix product)."""
+    XLA:CPU runs faster (a `custom_vjp`; `benchmarks.conv --layers`): for kernels larger than
+    1x1, the kernel gradient natively, and the input gradient natively at stride 1 with at least
+    16 input channels (`_input_grad_xla`); im2col's otherwise (for 1x1 kernels, one matrix
+    product each)."""
     kh, kw, cin, _ = kernel.shape
+    native_dw = (kh, kw) != (1, 1)
     native_dx = (
-        tuple(strides) == (1, 1)
+        native_dw
+        and tuple(strides) == (1, 1)
         and cin >= 16
         and all(0 <= p <= k - 1 for k, pair in zip((kh, kw), padding, strict=True) for p in pair)
     )
-    native_dw = (kh, kw) != (1, 1)
 
     @jax.custom_vjp
     def conv(x, kernel):
