@@ -10,9 +10,9 @@ Times, per implementation (median of `--steps` calls after one untimed call):
 `--layers wrn-16-4` instead times, for each convolution shape of WRN-16-4 (batch `--batch`),
 the forward, the kernel gradient and the input gradient alone (one jitted vjp each).
 JAX: `score_jax.models.layers`' "xla" (native convolution), "im2col" (slices + one matrix
-product) and "hybrid" (the native forward, im2col's gradients), compiled with the steps' own
-`xla_options.compiler_options()`; PyTorch: `torch.nn.functional.conv2d` (oneDNN on CPU), same
-threads.
+product) and "hybrid" (the native forward, each gradient native or im2col's), compiled with the
+steps' own `xla_options.compiler_options()`; PyTorch: `torch.nn.functional.conv2d` (oneDNN on
+CPU), same threads.
 """
 
 import argparse
