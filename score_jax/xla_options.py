@@ -2,9 +2,9 @@
 
 jaxlib 0.10's XLA:CPU hands matrix products, reductions and convolutions to YNNPACK. Its
 convolutions are slower than XLA's own kernels here (one 3x3 convolution, 64 channels, 32x32,
-batch 64, forward: 42 against 24 ms on the Intel Xeon VM; the WRN-16-4 train step 1.1x faster
-without them, AutoAttack 1.2x; benchmarks/README.md), so the train, evaluation and AutoAttack
-steps compile with YNNPACK's matrix products and reductions only. An explicit
+batch 64, forward: 42 against 24-26 ms on the Intel Xeon VM; the WRN-16-4 train step 1.15x
+faster without them; benchmarks/README.md), so the train, evaluation and AutoAttack steps
+compile with YNNPACK's matrix products and reductions only. An explicit
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=...` wins (the options are then left out), as
 does a jaxlib that does not know the option (a warning; the defaults stay).
 
