@@ -8,16 +8,21 @@ compiled) and pyautoattack's `AutoAttack(version="standard")` on the PyTorch exp
   python -m benchmarks.autoattack --model small-cnn --json /tmp/aa_digits.json
   python -m benchmarks.autoattack --model wrn-16-4 --num-examples 16 --batch 16 \
       --json /tmp/aa_wrn16.json
+  python -m benchmarks.autoattack --export runs/digits/export --json /tmp/aa_quick_start.json
 
 small-cnn: configs/digits.py's shapes (width 32, hidden 128) trained `--train-steps` plain Adam
 steps on the digits, its 360 test images, eps 0.1. WRN: random weights at CIFAR shapes
 (32x32x3), uniform random images labelled by the model's own predictions (16 unless
-`--num-examples`), eps 8/255.
+`--num-examples`), eps 8/255. `--export DIR`: a trained model instead, as `--mode export` wrote it
+(<workdir>/export: model.pt, model.json): PyTorch loads it with `export.load_exported`, JAX
+imports the same state dict (`torch_bridge.released`), on its dataset's test split at its
+training eps and norm (`--eps`, `--norm` override them).
 `--n-iter`, `--n-queries`, `--n-targets` reduce both sides identically (harness tests only).
 """
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -29,10 +34,12 @@ import torch
 
 from benchmarks.common import result_header, write
 from benchmarks.timing import loadavg, peak_rss_mb
-from score_jax import autoattack, data, models, train
+from score_jax import autoattack, config_lib, data, models, train
 from score_jax.data import digits
+from score_jax.errors import ScoreError
 from score_jax.models import layers
 from score_jax.models.random_weights import random_variables
+from score_jax.torch_bridge import export, released
 from score_jax.torch_bridge.convert import export_state_dict
 from score_jax.torch_bridge.models import build_torch_model
 
@@ -66,8 +73,28 @@ def _train_digits(model, ds, steps: int, seed: int = 0) -> dict:
     return {"params": params, "batch_stats": stats}
 
 
-def setup(args: argparse.Namespace):
-    """(flax model, variables, torch model, split, eps)."""
+def _from_export(args: argparse.Namespace):
+    """(flax model, variables, torch model, split, eps) of an export directory."""
+    meta = export.read_meta(args.export)
+    tm = export.load_exported(args.export)  # checks model.pt against model.json's sha256
+    name = meta["architecture"]
+    kw = dict(meta["kwargs"], conv_impl=args.conv_impl)
+    model = models.get_model(name, int(meta["num_classes"]), **kw)
+    dataset_config = config_lib.base_config().dataset
+    dataset_config.name, dataset_config.data_dir = meta["dataset"], args.data_dir
+    split = data.get_dataset(dataset_config).test
+    template = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, *split.images.shape[1:])), train=False)
+    )
+    path = os.path.join(args.export, export.MODEL_FILE)
+    variables = released.load_variables(path, name, template, model.mean, model.std)
+    args.norm = args.norm or meta["norm"]
+    eps = float(meta["epsilon"]) if args.eps is None else args.eps
+    return model, variables, tm, split, eps
+
+
+def _built(args: argparse.Namespace):
+    """(flax model, variables, torch model, split, eps) of `--model`."""
     if args.model == "small-cnn":
         ds = digits.load()
         kw = dict(width=args.width, hidden=args.hidden, mean=ds.mean, std=ds.std)
@@ -90,7 +117,13 @@ def setup(args: argparse.Namespace):
         eps = 8 / 255 if args.eps is None else args.eps
     tm = build_torch_model(args.model, 10, **kw)
     tm.load_state_dict(export_state_dict(args.model, variables), strict=True)
-    tm.eval()
+    args.norm = args.norm or "linf"
+    return model, variables, tm.eval(), split, eps
+
+
+def setup(args: argparse.Namespace):
+    """(flax model, variables, torch model, split, eps): `--export`'s or `--model`'s."""
+    model, variables, tm, split, eps = (_from_export if args.export else _built)(args)
     if args.num_examples > 0:
         split = data.Split(split.images[: args.num_examples], split.labels[: args.num_examples])
     return model, variables, tm, split, eps
@@ -206,7 +239,7 @@ def run_torch(args, tm, split, eps) -> dict[str, Any]:
 
 
 def markdown_rows(result: dict) -> str:
-    a, j, t = result["args"], result["jax"], result["torch"]
+    j, t = result["jax"], result["torch"]
     stages = " / ".join(f"{s['robust_accuracy']:.3f}" for s in j["stages"])
     lines = [
         "| model | examples | eps | JAX s (compiled) | JAX s (1st, with compile) | PyTorch s | "
@@ -216,7 +249,7 @@ def markdown_rows(result: dict) -> str:
     ref = " / ".join(f"{s['robust_accuracy']:.3f}" for s in t["stages"]) if t else "-"
     speed = f"{t['seconds'] / j['seconds']:.2f}" if t else "-"
     lines.append(
-        f"| {a['model']} | {j['num_examples']} | {result['eps']:.4f} | {j['seconds']:.2f} | "
+        f"| {result['model']} | {j['num_examples']} | {result['eps']:.4f} | {j['seconds']:.2f} | "
         f"{j['first_call_s_incl_compile']:.1f} | {t['seconds'] if t else float('nan'):.1f} | "
         f"{speed} | {stages} | {ref} | "
         f"{'/'.join(f'{v:.1f}' for v in j['loadavg_before'])} |"
@@ -231,6 +264,7 @@ def run(args: argparse.Namespace) -> dict:
             "autoattack", args, versions={"torch": torch.__version__, "jax": jax.__version__}
         ),
         "eps": eps,
+        "model": f"{args.export} ({model.__class__.__name__})" if args.export else args.model,
     }
     result["jax"] = run_jax(args, model, variables, split, eps)
     result["torch"] = None
@@ -247,12 +281,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=360, help="JAX batch (devices divide it)")
     parser.add_argument("--torch-batch", type=int, default=500)
     parser.add_argument("--eps", type=float, default=None, help="default 0.1 digits, 8/255 WRN")
-    parser.add_argument("--norm", default="linf", choices=tuple(NORMS))
+    parser.add_argument("--norm", default=None, choices=tuple(NORMS), help="default linf")
     parser.add_argument("--width", type=int, default=32, help="small-cnn (configs/digits.py)")
     parser.add_argument("--hidden", type=int, default=128, help="small-cnn (configs/digits.py)")
     parser.add_argument("--train-steps", type=int, default=300, help="small-cnn Adam steps")
     parser.add_argument("--image-size", type=int, default=32, help="WRN input side")
-    parser.add_argument("--conv-impl", default="xla", choices=layers.CONV_IMPLS)
+    parser.add_argument("--conv-impl", default="auto", choices=layers.CONV_IMPLS)
+    parser.add_argument("--export", default="", help="<workdir>/export of a trained model")
+    parser.add_argument("--data-dir", default="", help="--export's dataset files (CIFAR)")
     parser.add_argument("--devices", type=int, default=0, help="first N devices (0: all)")
     parser.add_argument("--n-iter", type=int, default=0, help="reduce APGD/FAB iterations")
     parser.add_argument("--n-targets", type=int, default=0, help="reduce target classes")
@@ -267,7 +303,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except ScoreError as e:  # a bad --export: one line
+        sys.exit(f"benchmarks.autoattack: error: {e}")
     write(result, args.json)
     print(markdown_rows(result))
     return result

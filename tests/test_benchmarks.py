@@ -113,12 +113,32 @@ def test_conv_benchmark(tmp_path):
 
 def test_conv_layers_benchmark(tmp_path):
     out = tmp_path / "layers.json"
-    conv.main(["--layers", "wrn-16-4", "--batch", "1", "--steps", "1", "--json", str(out)])
+    conv.main(["--layers", "wrn-16-4", "--batch", "1", "--steps", "1", "--no-torch"]
+              + ["--json", str(out)])  # fmt: skip
     saved = json.loads(out.read_text())
     assert [tuple(r["layer"].values()) for r in saved["layers"]] == list(conv.WRN_16_4_LAYERS)
     for row in saved["layers"]:
+        assert "torch" not in row
         for impl in conv.JAX_IMPLS:
             assert_positive(row[impl], ("fwd_ms", "kernel_grad_ms", "input_grad_ms"), impl)
+
+
+def test_conv_layers_benchmark_in_a_loop_with_torch(tmp_path):
+    out = tmp_path / "layers.json"
+    conv.main(["--layers", "small-cnn", "--batch", "2", "--steps", "1", "--layer-loop", "3"]
+              + ["--json", str(out)])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert [tuple(r["layer"].values()) for r in saved["layers"]] == list(conv.SMALL_CNN_LAYERS)
+    # 8x8 -> 4x4 at stride 2, 32 -> 64 channels: 2 * batch * 16 pixels * 9 * 32 * 64 FLOPs
+    assert saved["layers"][1]["gflop_fwd"] == pytest.approx(2 * 2 * 16 * 9 * 32 * 64 / 1e9)
+    assert set(saved["matmul_gflops"]) == {"jax", "torch"}
+    assert_positive(saved["matmul_gflops"], ("jax", "torch"), "matmul")
+    for row in saved["layers"]:
+        for impl in (*conv.JAX_IMPLS, "torch"):
+            assert_positive(row[impl], ("fwd_ms", "kernel_grad_ms", "input_grad_ms"), impl)
+            assert row[impl]["fwd_gflops"] == pytest.approx(
+                row["gflop_fwd"] / row[impl]["fwd_ms"] * 1e3
+            )
 
 
 def test_paired_train_step_benchmark(tmp_path):

@@ -231,6 +231,19 @@ def test_autoattack_end_to_end_and_bad_exports(tmp_path):
     assert set(state) == set(load_exported(str(export)).state_dict())
     assert sorted(os.listdir(export)) == ["model.json", "model.pt"]  # no temp files left
 
+    # The AutoAttack benchmark on this export: both frameworks load the same trained weights.
+    from benchmarks import autoattack as bench
+
+    args = ["--export", str(export), "--num-examples", "16", "--batch", "16", "--devices", "1"]
+    args += ["--n-iter", "2", "--n-targets", "1", "--n-queries", "5"]
+    result = bench.main([*args, "--json", str(tmp_path / "bench.json")])
+    assert result["eps"] == 0.05 and result["args"]["norm"] == "linf"
+    assert result["jax"]["num_examples"] == 16
+    clean = result["jax"]["clean_accuracy"]
+    assert clean == pytest.approx(result["torch"]["clean_accuracy"]) and clean > 0.2
+    with pytest.raises(SystemExit, match=r"benchmarks\.autoattack: error: .*model\.json"):
+        bench.main(["--export", str(tmp_path / "none"), "--json", str(tmp_path / "x.json")])
+
     # A stale export (older than the checkpoint it should come from) is noticed.
     from score_jax.torch_bridge.autoattack_eval import _stale
 
