@@ -162,6 +162,18 @@ def test_fab_argsort_is_numpys_stable_argsort():
     np.testing.assert_array_equal(got, np.argsort(rows, axis=1, kind="stable"))
 
 
+def test_fab_argsort_fallback_for_long_rows():
+    """From n = 46341 (n * n >= 2**31, e.g. an ImageNet-sized input) the integer keys would
+    overflow and `_argsort` takes jnp.argsort: still numpy's stable order."""
+    from score_jax.autoattack.fab import _argsort
+
+    n = 46341
+    row = (np.random.default_rng(1).integers(-50, 51, n) / 4.0).astype(np.float32)  # ties
+    row[:7] = -0.0
+    got = np.asarray(jax.jit(_argsort)(row))
+    np.testing.assert_array_equal(got, np.argsort(row, kind="stable"))
+
+
 @pytest.mark.parametrize("rescale", [False, True])
 def test_square_window_schedule_matches_reference(rescale):
     for n_queries in (100, 5000):
