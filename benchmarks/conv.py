@@ -9,9 +9,11 @@ Times, per implementation (median of `--steps` calls after one untimed call):
              `lax.fori_loop` of `--loop` iterations as the attack runs it, per iteration.
 `--layers wrn-16-4` / `--layers small-cnn` instead times, for each convolution shape of that
 model (batch `--batch`), the forward, the kernel gradient and the input gradient alone (one
-jitted vjp each; PyTorch: `conv2d` and `torch.nn.grad`'s two gradients), with the forward's
-GFLOP/s, next to the GFLOP/s of one 2048 x 2048 float32 matrix product (the CPU's practical
-peak, `matmul_gflops`).
+jitted vjp each; `--layer-loop N`: the forward and input gradient per iteration of a `fori_loop`
+of N, as the attacks run them; PyTorch: `conv2d` and `torch.nn.grad`'s two gradients, one call
+each, as its attacks run them), with the forward's GFLOP/s, next to the GFLOP/s of one 2048 x 2048
+float32 matrix product on each side (a reference rate, not a peak: oneDNN's convolutions can
+exceed it; `matmul_gflops`).
 JAX: `score_jax.models.layers`' "xla" (native convolution), "im2col" (slices + one matrix
 product) and "hybrid" (the native forward, each gradient native or im2col's), compiled with the
 steps' own `xla_options.compiler_options()`; PyTorch: `torch.nn.functional.conv2d` (oneDNN on
