@@ -298,6 +298,23 @@ REDUCED = {
 }
 
 
+def _ours_apgd_ce(seed: int, model, variables, split) -> float:
+    result = autoattack.evaluate(
+        model, variables, split, eps=EPS, norm="linf", batch_size=N_PARITY,
+        mesh=train.make_mesh(), key=train.base_key(seed), version="custom",
+        attacks=["apgd-ce"], options={"apgd-ce": REDUCED["apgd-ce"]},
+    )  # fmt: skip
+    return result["robust_accuracy"]
+
+
+def _ref_apgd_ce(seed: int, tm, x: np.ndarray, y: np.ndarray) -> float:
+    attack = APGDAttack(tm, n_restarts=1, eps=EPS, norm="Linf", device="cpu", seed=seed,
+                        **REDUCED["apgd-ce"])  # fmt: skip
+    x_adv = attack.perturb(_torch(x), torch.from_numpy(y).long())
+    with torch.no_grad():
+        return float((tm(x_adv).argmax(1).numpy() == y).mean())
+
+
 def test_standard_suite_matches_pyautoattack_per_stage(digits_model):
     ds, model, variables, tm = digits_model
     split = data.Split(ds.test.images[:N_PARITY], ds.test.labels[:N_PARITY])
@@ -344,6 +361,15 @@ def test_standard_suite_matches_pyautoattack_per_stage(digits_model):
     assert [s["attack"] for s in ours["stages"]] == list(ref_stages) == list(autoattack.ATTACKS)
     got = {s["attack"]: s["robust_accuracy"] for s in ours["stages"]}
     print("jax", got, "pyautoattack", ref_stages)
+    # APGD-CE starts at a random point, drawn by different generators on the two sides: its
+    # stage is compared as the mean over three seeds per side (one run ended 4 of 360 examples
+    # apart on an AMD EPYC host, 6 seeds per side earlier gave means 0.1% apart).
+    got["apgd-ce"] = np.mean(
+        [got["apgd-ce"], *(_ours_apgd_ce(s, model, variables, split) for s in (1, 2))]
+    )
+    ref_stages["apgd-ce"] = np.mean(
+        [ref_stages["apgd-ce"], *(_ref_apgd_ce(s, tm, x, y) for s in (1, 2))]
+    )
     for name in autoattack.ATTACKS:
         assert abs(got[name] - ref_stages[name]) <= 0.01 + 1e-9, (name, got, ref_stages)
     assert 0.2 < got["apgd-ce"] < 0.8  # a middle range: parity is not trivial
