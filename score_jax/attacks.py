@@ -11,7 +11,8 @@ training, attacks and evaluation share one copy of the loss math. A model enters
 
 Linf steps: delta <- clip_eps(delta + a sign(g)); L2 steps: delta <- proj_eps(delta + a g/||g||_2);
 both then clip x + delta to the image box [0, 1]. `l2_rule="box_then_ball"` is the L2 loop of the
-reference's `trades_loss_LSE` (clip to the box first, then renorm to the ball; start unprojected).
+reference's `trades_loss_LSE` (clip to the box first, then renorm to the ball; start unprojected);
+`l2_rule="advertorch"` that of its validation PGD (core/attacks/pgd.py, advertorch's code).
 `pgd_with_state` threads a state (BatchNorm running averages) through the attack's passes.
 """
 
@@ -29,8 +30,8 @@ Objective = Callable[[Array], Array]
 LogitsFn = Callable[[Array], Array]
 
 NORMS = ("linf", "l2")
-INITS = ("uniform", "normal", "zero")
-L2_RULES = ("ball_then_box", "box_then_ball")
+INITS = ("uniform", "normal", "zero", "uniform_radius", "box_point")
+L2_RULES = ("ball_then_box", "box_then_ball", "advertorch")
 # torch.Tensor.renorm's guard: a delta with norm above eps is scaled by eps / (norm + 1e-7).
 _RENORM_EPS = 1e-7
 
@@ -63,8 +64,7 @@ def initial_delta(
     key: Array, x: Array, *, eps: float, norm: str, init: str, restart: int | Array = 0
 ) -> Array:
     """The start of `pgd`'s restart `restart` before any projection, from one key or one key
-    per example (each example's start depends only on its key): uniform: U(-eps, eps)^d (linf) or
-    uniform in the L2 ball; normal: 0.001 N(0, 1); zero."""
+    per example (each example's start depends only on its key); see `_init_delta`."""
     if init == "zero":
         return jnp.zeros_like(x)
     keys = _per_example_keys(key, x.shape[0])
@@ -73,7 +73,10 @@ def initial_delta(
 
 
 def _init_delta(keys: Array, x: Array, *, eps: float, norm: str, init: str) -> Array:
-    """uniform: U(-eps, eps)^d (linf) or uniform in the L2 ball; normal: 0.001 N(0, 1); zero."""
+    """zero; normal: 0.001 N(0, 1); linf, every other init: U(-eps, eps)^d. L2: uniform: uniform
+    in the ball; uniform_radius: eps U(0, 1) n/||n||, n ~ N(0, 1)^d (without_DDPM/train_cifar.py's
+    `attack_pgd`); box_point: (u - x) min(1, eps/||u - x||), u ~ U(0, 1)^d a point of the image box
+    (core/attacks/utils.py `rand_init_delta`)."""
     shape = x.shape[1:]
     if init == "zero":
         return jnp.zeros_like(x)
@@ -81,6 +84,18 @@ def _init_delta(keys: Array, x: Array, *, eps: float, norm: str, init: str) -> A
         return jax.vmap(lambda k: 0.001 * jax.random.normal(k, shape, x.dtype))(keys)
     if norm == "linf":
         return jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -eps, eps))(keys)
+    if init == "uniform_radius":
+
+        def radial(k: Array) -> Array:
+            k_dir, k_rad = jax.random.split(k)
+            n = jax.random.normal(k_dir, shape, x.dtype)
+            return n * (jax.random.uniform(k_rad, (), x.dtype) * eps / jnp.linalg.norm(n))
+
+        return jax.vmap(radial)(keys)
+    if init == "box_point":
+        u = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype))(keys)
+        d = u - x
+        return d * jnp.minimum(1.0, eps / jnp.maximum(_l2_norm(d), 1e-12))
     dim = x[0].size
 
     def ball(k: Array) -> Array:
@@ -128,13 +143,18 @@ def pgd(
 
     `key` is one PRNG key or one key per example (then example i's start depends only on key i);
     the start of restart r is `initial_delta(key, x, ..., restart=r)`.
-    With restarts > 1 each example keeps the restart with the highest final objective (the PyTorch
-    reference keeps the last restart instead: a known defect, deliberately not copied).
+    With restarts > 1 each example keeps the restart with the highest final objective, a later
+    one on a tie (as the reference's `attack_pgd` keeps the highest cross-entropy with >=; its
+    `attack_pgd_divergence` keeps the last restart whatever its objective).
     L2 rules: "ball_then_box": the start is projected; a step is
       delta <- proj_box(proj_ball(delta + a g/max(||g||, 1e-12))).
     "box_then_ball" (the reference's `trades_loss_LSE`): the start is not projected; a step is
       d = delta + a g/||g|| (an example with g = 0 steps along a N(0, 1) draw instead),
       d <- clip(x + d, x_min, x_max) - x, then delta <- d min(1, eps/(||d|| + 1e-7)).
+    "advertorch" (the reference's validation PGD, core/attacks/pgd.py): the start is not
+      projected (its `box_point` start lies in the ball and the box); a step is
+      d = delta + a g/max(||g||, 1e-6) (g = 0: no step), d <- clip(x + d, x_min, x_max) - x, then
+      delta <- d min(1, eps/||d||).
     The result carries `stop_gradient`.
     """
     x_adv, _ = pgd_with_state(
@@ -181,7 +201,7 @@ def pgd_with_state(
     if l2_rule == "box_then_ball" and norm == "l2" and key is None:
         raise ValueError("pgd with l2_rule='box_then_ball' needs a PRNG key")
     keys = None if key is None else _per_example_keys(key, x.shape[0])
-    box_first = norm == "l2" and l2_rule == "box_then_ball"
+    box_first = norm == "l2" and l2_rule in ("box_then_ball", "advertorch")
 
     def total(delta: Array, s: Any) -> tuple[Array, Any]:
         values, s = objective(x + delta, s)
@@ -193,6 +213,8 @@ def pgd_with_state(
         norm_g = _l2_norm(g)
         if not box_first:
             return g / jnp.maximum(norm_g, 1e-12)
+        if l2_rule == "advertorch":
+            return g / jnp.maximum(norm_g, 1e-6)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(run_keys, i + 1)
         noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(step_keys)
         return jnp.where(norm_g > 0, g / jnp.where(norm_g > 0, norm_g, 1.0), noise)
@@ -218,7 +240,10 @@ def pgd_with_state(
                 delta = delta + step_size * l2_direction(g, run_keys, i)
                 delta = jnp.clip(x + delta, x_min, x_max) - x
                 norm_d = _l2_norm(delta)
-                delta = delta * jnp.where(norm_d > eps, eps / (norm_d + _RENORM_EPS), 1.0)
+                if l2_rule == "advertorch":
+                    delta = delta * jnp.minimum(1.0, eps / jnp.maximum(norm_d, 1e-12))
+                else:
+                    delta = delta * jnp.where(norm_d > eps, eps / (norm_d + _RENORM_EPS), 1.0)
             else:
                 delta = project(
                     delta + step_size * l2_direction(g, run_keys, i),
@@ -240,7 +265,7 @@ def pgd_with_state(
             x_best, v_best, s = carry
             x_new, s = run(r, s)
             v_new = objective(x_new, s)[0]
-            better = v_new > v_best
+            better = v_new >= v_best
             mask = better.reshape((-1,) + (1,) * (x.ndim - 1))
             return jnp.where(mask, x_new, x_best), jnp.where(better, v_new, v_best), s
 

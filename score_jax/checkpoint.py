@@ -41,7 +41,15 @@ FINGERPRINT_FIELDS = (
     "optim",
     "ema",
     "sync_batch_stats",
+    "bn_first_batch_stats",
 )
+# Fields added after checkpoints were first written -> the value every run had before, so that a
+# checkpoint without them resumes only where the field still has that value.
+ADDED_FIELDS = {
+    "bn_first_batch_stats": False,
+    "dataset.real_sampling": "stream",
+    "loss.trades_pass_order": "clean_first",
+}
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -71,7 +79,8 @@ def corrupt_error(path: str, error: BaseException) -> CheckpointError:
 
 def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted names of the fields whose values differ (`saved`'s renamed fields by their new
-    names, config_checks.RENAMED, so a checkpoint written before a rename still resumes)."""
+    names, config_checks.RENAMED, so a checkpoint written before a rename still resumes; a
+    field of ADDED_FIELDS missing from `saved` has its value from before it existed)."""
     from score_jax.config_checks import RENAMED
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -83,6 +92,7 @@ def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list
         return out
 
     a, b = {RENAMED.get(k, k): v for k, v in flat(saved).items()}, flat(current)
+    a = {**{k: v for k, v in ADDED_FIELDS.items() if k in b}, **a}
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

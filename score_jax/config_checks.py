@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from score_jax import attacks, losses, optim
-from score_jax.data import DATASET_NAMES, VALIDATION_ORDERS
+from score_jax.data import DATASET_NAMES, REAL_SAMPLINGS, VALIDATION_ORDERS
 from score_jax.errors import ConfigError
 
 # Old field -> its new one: refused with this hint in a config, a --config.<old>=... flag; a
@@ -121,6 +121,7 @@ def evaluator_checks(kind: str) -> dict[str, Check]:
             "step_size": _real(0.0),
             "restarts": _integer(1),
             "init": _choice(attacks.INITS),
+            "l2_rule": _choice(attacks.L2_RULES),
         }
     if kind == "autoattack":
         return common | {
@@ -161,6 +162,7 @@ def field_checks() -> dict[str, Check]:
         "resume_extend": _BOOL,
         "init_from": _STRING,
         "sync_batch_stats": _BOOL,
+        "bn_first_batch_stats": _BOOL,
         "progress_bar": _BOOL,
         "dataset.name": _choice(DATASET_NAMES),
         "dataset.data_dir": _STRING,
@@ -169,6 +171,7 @@ def field_checks() -> dict[str, Check]:
         "dataset.real_fraction": _real(0.0, 1.0, lo_open=True),
         "dataset.validation_order": _choice(VALIDATION_ORDERS),
         "dataset.epoch_size": _integer(0),
+        "dataset.real_sampling": _choice(REAL_SAMPLINGS),
         "augment.crop_padding": _integer(0),
         "augment.flip": _BOOL,
         "augment.rotation_degrees": _real(0.0, 180.0),
@@ -183,6 +186,7 @@ def field_checks() -> dict[str, Check]:
         "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
         "loss.clip_clean": _BOOL,
         "loss.label_smoothing": _PROB,
+        "loss.trades_pass_order": _choice(train.TRADES_PASS_ORDERS),
         **_attack_checks(),
         "eval.select_by": (
             lambda v: (

@@ -31,9 +31,11 @@ def pgd_evaluator(
     step_size: float,
     restarts: int = 1,
     init: str = "uniform",
+    l2_rule: str = "ball_then_box",
 ) -> ml_collections.ConfigDict:
     """A "pgd" evaluator (attacks.EVAL_OBJECTIVES objective) whose eps and norm are references
-    to `attack`'s (config.attack): they follow `--config.attack.eps=...` until set themselves."""
+    to `attack`'s (config.attack): they follow `--config.attack.eps=...` until set themselves.
+    `init` and `l2_rule` as attacks.pgd's."""
     return ml_collections.ConfigDict(
         dict(
             kind="pgd",
@@ -42,6 +44,7 @@ def pgd_evaluator(
             step_size=step_size,
             restarts=restarts,
             init=init,
+            l2_rule=l2_rule,
             eps=attack.get_ref("eps").identity(),
             norm=attack.get_ref("norm").identity(),
         )
@@ -101,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume_extend = False  # resume with another num_train_steps / num_epochs (new schedule)
     c.resume_fallback = False  # a corrupt newest checkpoint: resume from the previous one
     c.sync_batch_stats = True  # BatchNorm statistics over the global batch (False: per device)
+    # The running statistics start from the first step's batch (PyTorch BatchNorm momentum 1 for
+    # step 0, then the model's: the DDPM reference's watrain.py); False: the usual update.
+    c.bn_first_batch_stats = False
     c.progress_bar = True
 
     # data_dir (CIFAR): cifar-10-python.tar.gz / cifar-100-python.tar.gz, the extracted folder,
@@ -116,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
             ddpm_path="",
             real_fraction=1.0,
             epoch_size=0,  # examples per epoch (steps = ceil(epoch_size / batch)); 0: train split
+            # "stream" (every image once before any twice) | "per_epoch" (a fresh permutation
+            # each epoch, of which the first steps x real-per-batch: the DDPM reference's).
+            real_sampling="stream",
         )
     )
     # rotation_degrees: random rotation U(-d, d) after crop and flip (RandomRotation(d)); 0: off.
@@ -139,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
             clip_c=config_dict.placeholder(float),  # None: no clipping
             clip_clean=True,
             label_smoothing=0.0,
+            # TRADES: the loss's passes, in the order they update the running averages:
+            # "clean_first" (the DDPM reference's) | "adv_first" (without_DDPM/train_cifar.py's).
+            trades_pass_order="clean_first",
         )
     )
     c.attack = ml_collections.ConfigDict(
@@ -260,8 +272,11 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     c.dataset.name = dataset
     c.dataset.real_fraction = real_fraction  # dataset.ddpm_path: required, the generated .npz
     c.dataset.epoch_size = 50000  # the reference counts all 50000 images (validation included)
+    c.dataset.real_sampling = "per_epoch"  # semisup.py: a fresh permutation every epoch
     c.model.name = "wrn-70-16" if "wrn-70-16" in options else "wrn-28-10"
     c.model.activation = "silu"
+    c.model.init_scheme = "dm"  # wideresnetwithswish.py: nn.Linear's weight, zero bias
+    c.bn_first_batch_stats = True  # watrain.py: BatchNorm momentum 1 for the first step
     c.batch_size = 512
     c.eval_batch_size = 512
     c.num_epochs = 400
@@ -284,17 +299,22 @@ def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_col
     else:
         # x + U(-eps, eps) clamped to [0, 1], then sign steps of 2/255 (base's eps and step).
         c.attack.init = "uniform"
-    # Evaluation keeps its steps of 2/255 (16/255 for L2); the training L2 step is 2 eps / steps.
-    eval_step = 16 / 255 if "l2" in options else 2 / 255
-    # The reference's validation: PGD-40 on its CW loss, uniform start, of the EMA, every
-    # epoch, a new best on >=.
+    # The reference's validation (watrain.py): PGD-40 on its CW loss of the EMA, every epoch, a
+    # new best on >=, with core/attacks/pgd.py's start and steps (L2: a box point scaled to
+    # the ball, box then ball) of --attack-step, whose default is 2/255 for both norms.
     del c.eval.pgd
+    l2 = "l2" in options
     c.eval.pgd_cw = pgd_evaluator(
-        c.attack, objective="cw_clamped", num_steps=40, step_size=eval_step
+        c.attack,
+        objective="cw_clamped",
+        num_steps=40,
+        step_size=2 / 255,
+        init="box_point" if l2 else "uniform",
+        l2_rule="advertorch" if l2 else "ball_then_box",
     )
     c.eval.select_by = ("pgd_cw",)
     c.eval.select_ties = "later"
-    c.test.pgd.step_size = eval_step
+    c.test.pgd.step_size = 16 / 255 if l2 else 2 / 255
     return c
 
 

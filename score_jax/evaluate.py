@@ -45,24 +45,32 @@ def clean_correct(logits_fn: attacks.LogitsFn, x: Array, labels: Array, keys: Ar
     return losses.accuracy(logits_fn(x), labels)
 
 
+def pgd_points(
+    spec: ml_collections.ConfigDict, logits_fn: attacks.LogitsFn, x: Array, labels: Array, keys
+) -> Array:
+    """The points of a "pgd" evaluator: PGD maximising spec.objective (attacks.EVAL_OBJECTIVES)
+    with spec's eps, norm, step_size, num_steps, init, restarts and l2_rule."""
+    return attacks.pgd(
+        attacks.eval_objective(spec.objective, logits_fn, labels),
+        x,
+        keys,
+        eps=spec.eps,
+        step_size=spec.step_size,
+        num_steps=spec.num_steps,
+        norm=spec.norm,
+        init=spec.init,
+        restarts=spec.restarts,
+        l2_rule=spec.get("l2_rule", "ball_then_box"),
+    )
+
+
 def pgd_evaluator(spec: ml_collections.ConfigDict) -> CorrectFn:
-    """1[argmax f(x_adv) = y], x_adv = PGD maximising spec.objective (attacks.EVAL_OBJECTIVES)
-    with spec's eps, norm, step_size, num_steps, init and restarts; num_steps 0: clean."""
+    """1[argmax f(x_adv) = y], x_adv = `pgd_points`; num_steps 0: clean."""
 
     def correct(logits_fn, x, labels, keys):
         if spec.num_steps == 0:
             return clean_correct(logits_fn, x, labels, keys)
-        x_adv = attacks.pgd(
-            attacks.eval_objective(spec.objective, logits_fn, labels),
-            x,
-            keys,
-            eps=spec.eps,
-            step_size=spec.step_size,
-            num_steps=spec.num_steps,
-            norm=spec.norm,
-            init=spec.init,
-            restarts=spec.restarts,
-        )
+        x_adv = pgd_points(spec, logits_fn, x, labels, keys)
         return losses.accuracy(logits_fn(x_adv), labels)
 
     return correct

@@ -17,7 +17,7 @@ import optax
 from score_jax.errors import ConfigError
 
 SCHEDULES = ("one_cycle", "cyclic_cosine", "piecewise", "cosine", "constant")
-SCHEDULE_UNITS = ("step", "epoch")
+SCHEDULE_UNITS = ("step", "step_end", "epoch")
 
 
 def weight_decay_mask(params, decay_batchnorm: bool):
@@ -64,6 +64,8 @@ def _units(optim_config: ml_collections.ConfigDict, steps_per_epoch: int, total_
     unit = optim_config.schedule_unit
     if unit == "step":
         return steps_per_epoch, max(total_steps, 1), lambda step: step
+    if unit == "step_end":
+        return steps_per_epoch, max(total_steps, 1), lambda step: jnp.asarray(step) + 1
     if unit == "epoch":
         epochs = max(math.ceil(total_steps / steps_per_epoch), 1)
         return 1, epochs, lambda step: jnp.asarray(step) // steps_per_epoch
@@ -75,7 +77,10 @@ def make_schedule(
 ) -> optax.Schedule:
     """The learning rate per step.
 
-    The schedule advances once per step, or once per epoch with schedule_unit "epoch" (PyTorch's
+    The schedule advances once per step, at the step's start ("step") or its end ("step_end":
+    step s runs at the schedule's value at s + 1, as without_DDPM/train_cifar.py sets the lr of
+    iteration i of epoch e from e + (i + 1) / len(loader), so a piecewise drop at epoch E applies
+    from step E * steps_per_epoch - 1), or once per epoch with schedule_unit "epoch" (PyTorch's
     `scheduler.step()` at the end of every epoch: the lr is constant within an epoch).
     one_cycle: PyTorch `OneCycleLR(max_lr=lr, pct_start=warmup_fraction, div_factor=warmup_div,
       final_div_factor=final_div_factor)` (cosine from lr/warmup_div up to lr, then down to

@@ -109,6 +109,7 @@ class Setup:
                 config.seed,
                 config.dataset.real_fraction,
                 epoch_size=config.dataset.epoch_size,
+                real_sampling=config.dataset.real_sampling,
             )
         parts = build_model_and_optimizer(config, self.info)
         self.model = parts.model

@@ -23,6 +23,7 @@ from score_jax import attacks, data, losses, optim, xla_options
 
 AXIS = "batch"
 LOSS_METHODS = ("trades", "pgd_at")
+TRADES_PASS_ORDERS = ("clean_first", "adv_first")
 
 
 class TrainState(train_state.TrainState):
@@ -160,16 +161,24 @@ def make_loss_fn(
     """params -> (loss, (new batch_stats, aux metrics)) of config.loss on this batch.
 
     TRADES: mean of D(y~ || p) + beta D(p || p'), p = softmax f(x), p' = softmax f(x') (clipped
-    if clip_c; D = KL gives cross-entropy for the first term), the clean then the adversarial
-    pass updating the running averages. PGD-AT: mean of D(y~ || p') (clipped if clip_c).
+    if clip_c; D = KL gives cross-entropy for the first term), the clean and the adversarial
+    pass updating the running averages in config.loss.trades_pass_order. PGD-AT: mean of
+    D(y~ || p') (clipped if clip_c).
     """
     lc = config.loss
     clip_c = lc.get("clip_c")
     if lc.method == "trades":
+        order = lc.get("trades_pass_order", "clean_first")
+        if order not in TRADES_PASS_ORDERS:
+            raise ValueError(f"config.loss.trades_pass_order must be one of {TRADES_PASS_ORDERS}")
 
         def loss_fn(params):
-            logits_nat, stats = apply_train(model, params, batch_stats, x)
-            logits_adv, stats = apply_train(model, params, stats, x_adv)
+            if order == "clean_first":
+                logits_nat, stats = apply_train(model, params, batch_stats, x)
+                logits_adv, stats = apply_train(model, params, stats, x_adv)
+            else:
+                logits_adv, stats = apply_train(model, params, batch_stats, x_adv)
+                logits_nat, stats = apply_train(model, params, stats, x)
             per_example = losses.trades_per_example(
                 logits_nat,
                 logits_adv,
@@ -239,7 +248,9 @@ def train_step(
     """One step on this device's part of the batch: augment, attack, loss, update, EMA.
 
     The attack and the loss are `adversarial_examples` and `make_loss_fn`; gradients and metrics
-    are averaged over devices. The divergence guard: unless the loss, the gradient and the
+    are averaged over devices. With config.bn_first_batch_stats every BatchNorm pass of step 0
+    has momentum 1 (PyTorch terms), so the running statistics become the batch's. The divergence
+    guard: unless the loss, the gradient and the
     updated state (params, EMA, optimizer state, batch statistics) are all finite, the state is
     left unchanged and metrics["finite"] = 0 (metrics["finite_<part>"] say which part failed).
     """
@@ -256,6 +267,8 @@ def train_step(
         rotation_degrees=config.augment.rotation_degrees,
     )
     labels = batch["label"]
+    if config.get("bn_first_batch_stats", False):
+        model = model.clone(bn_momentum_override=jnp.where(state.step == 0, 0.0, model.bn_momentum))
     x_adv, attack_stats = adversarial_examples(model, config, state, x, labels, attack_keys)
     loss_fn = make_loss_fn(model, config, attack_stats, x, x_adv, labels)
     (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -130,6 +130,21 @@ def test_restarts_never_worse_than_one_run():
     assert bool(jnp.any(many > one + 1e-4))  # some example found a better restart
 
 
+def test_restart_ties_go_to_the_later_restart_as_attack_pgd():
+    """without_DDPM/train_cifar.py's `attack_pgd`: max_delta[all_loss >= max_loss] = delta, so
+    of equal final objectives the later restart's point is kept (here every objective is 0: no
+    gradient, each restart stays at its own start)."""
+    x = _images(jax.random.key(30), 4)
+    key = jax.random.key(31)
+    kw = dict(eps=0.1, norm="linf", init="uniform")
+    flat = lambda inputs: jnp.zeros(inputs.shape[0])  # noqa: E731
+    x_adv = attacks.pgd(flat, x, key, step_size=0.03, num_steps=2, restarts=3, **kw)
+    last = jnp.clip(x + attacks.initial_delta(key, x, restart=2, **kw), 0.0, 1.0)
+    first = jnp.clip(x + attacks.initial_delta(key, x, restart=0, **kw), 0.0, 1.0)
+    chex.assert_trees_all_close(x_adv, last, atol=1e-7)
+    assert float(jnp.abs(x_adv - first).max()) > 1e-2
+
+
 def test_per_example_keys_make_examples_independent():
     logits_fn = _mlp(jax.random.key(12))
     x = _images(jax.random.key(13), 6)

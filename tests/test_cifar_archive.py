@@ -322,6 +322,8 @@ def test_cli_trains_cifar10_basic_from_an_archive_without_tensorflow(tmp_path):
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # train_cifar.py's epoch, ceil(50000 / batch) steps, whatever the archive holds (30 images).
+    assert "for 3 steps (3125 per epoch)" in out.stderr  # batch 16 (OVERRIDES)
     modules = set(json.load(open(modules_file)))
     assert "score_jax.data.cifar_archive" in modules
     assert "tensorflow" not in modules and "tensorflow_datasets" not in modules

@@ -387,3 +387,386 @@ def test_configs_carry_the_reference_recipe(path, variant, expected):
             True,
         )
         assert c.dataset.epoch_size == 50000
+
+
+# ------------------------------------------- the last reference points (DESIGN.md section 8)
+
+
+def test_basic_epoch_and_lr_drops_equal_train_cifar():
+    """without_DDPM/train_cifar.py: 391 iterations per epoch over all 50000 images, 110 epochs,
+    iteration i of epoch e at lr_schedule(e + (i + 1) / 391) (lr_max until 100, /10 until 105,
+    then /100), although 1024 images are held out here."""
+    from score_jax import data, setup
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_basic.py", "trades-se")
+    info = data.dataset_info(config.dataset)
+    assert info.num_train == 50000 - 1024
+    parts = setup.build_model_and_optimizer(config, info)
+    assert (parts.steps_per_epoch, parts.total_steps) == (391, 43010)
+
+    lr_max = config.optim.learning_rate
+
+    def lr_schedule(t: float) -> float:  # train_cifar.py's, transcribed
+        if t < 100:
+            return lr_max
+        elif t < 105:
+            return lr_max / 10.0
+        return lr_max / 100.0
+
+    expected = [lr_schedule(e + (i + 1) / 391) for e in range(110) for i in range(391)]
+    ours = np.asarray(jax.jit(jax.vmap(parts.schedule))(jnp.arange(43010)))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    assert expected[39098] == lr_max and expected[39099] == lr_max / 10  # the drops, as a check
+    assert expected[41053] == lr_max / 10 and expected[41054] == lr_max / 100
+
+
+def test_wrn_logits_init_equals_torch_linear_with_zero_bias():
+    """core/models/wideresnetwithswish.py: `logits` is an nn.Linear with its default weight
+    (kaiming-uniform a=sqrt(5): U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in)) and a zeroed bias;
+    Flax's default Dense (LeCun normal, std 1/sqrt(fan_in)) starts 1.7x wider."""
+    from score_jax import models
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    model = models.get_model(
+        "wrn-16-2", 10, depth=10, width=1, init_scheme=config.model.init_scheme, conv_impl="xla"
+    )
+    init = lambda k: model.init(k, jnp.zeros((1, 8, 8, 3)), train=False)["params"]["logits"]  # noqa: E731
+    logits = jax.jit(jax.vmap(init))(jax.random.split(jax.random.key(0, impl="rbg"), 64))
+    ours, bias = np.asarray(logits["kernel"]), np.asarray(logits["bias"])
+    fan_in = ours.shape[1]
+    assert fan_in == 64
+    torch.manual_seed(0)
+    theirs = np.concatenate(
+        [torch.nn.Linear(fan_in, 10).weight.detach().numpy().ravel() for _ in range(64)]
+    )
+    bound = 1.0 / np.sqrt(fan_in)
+    assert not bias.any()
+    assert np.abs(ours).max() <= bound * (1 + 1e-6) and np.abs(ours).max() > 0.99 * bound
+    for moment in (2, 4):  # uniform's: bound^2 / 3, bound^4 / 5 (torch's draws agree)
+        want = bound**moment / (moment + 1)
+        np.testing.assert_allclose(np.mean(theirs**moment), want, rtol=0.06)
+        np.testing.assert_allclose(np.mean(ours**moment), want, rtol=0.06)
+
+
+def _bn_momentum(model, momentum: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+
+
+def _ddpm_step_stats(torch_model, x, momentum):
+    """trades_loss_LSE's loss passes in train mode, f(x_natural) then f(x_adv) (here x_adv = x:
+    eps 0), with the BatchNorm momentum watrain.py sets for this step."""
+    _bn_momentum(torch_model, momentum)
+    torch_model.train()
+    with torch.no_grad():
+        torch_model(x)
+        torch_model(x)
+    return {k: v.numpy().copy() for k, v in torch_model.state_dict().items() if "running" in k}
+
+
+def test_ddpm_first_step_running_stats_equal_watrain():
+    """watrain.py: BatchNorm momentum 1 at global step 0 (the running statistics become the
+    first batch's), then 0.01. The TRADES attack here has eps 0, so x_adv = x on both sides."""
+    import copy
+
+    from score_jax import train
+    from score_jax.torch_bridge.convert import export_state_dict
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    assert config.bn_first_batch_stats
+    config.attack.eps = 0.0
+    config.augment.crop_padding, config.augment.flip = 0, False
+    kw = dict(depth=10, width=1)
+    flax_model, variables, torch_model = _models("wrn-16-2", kw, (8, 8, 3), seed=3)
+    rng = np.random.default_rng(4)
+    batches = [
+        {
+            "image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+            "label": (np.arange(8) % 10).astype(np.int32),
+            "pos": np.arange(8, dtype=np.int32),
+        }
+        for _ in range(2)
+    ]
+    mesh = train.make_mesh(jax.devices()[:1])
+    step_fn = train.compile_train_step(flax_model, config, optax.constant_schedule(0.05), 0, mesh)
+    key = train.base_key(0)
+    state = train.replicate(_state(variables), mesh)
+    reference = copy.deepcopy(torch_model)
+    _biased_running_var(reference)  # Flax's biased variance (a README difference)
+    # Not degenerate: the usual first update (momentum 0.01) ends far from momentum 1's.
+    usual = copy.deepcopy(torch_model)
+    _biased_running_var(usual)
+    usual = _ddpm_step_stats(usual, _nchw(batches[0]["image"].astype(np.float32) / 255.0), 0.01)
+    for step, (batch, momentum) in enumerate(zip(batches, (1.0, 0.01), strict=True)):
+        if step == 1:  # the reference continues from our updated weights and statistics
+            reference.load_state_dict(
+                export_state_dict(
+                    "wrn-16-2",
+                    {"params": state.params, "batch_stats": jax.device_get(state.batch_stats)},
+                )
+            )
+        x = _nchw(batch["image"].astype(np.float32) / 255.0)
+        expected = _ddpm_step_stats(reference, x, momentum)
+        state, metrics = step_fn(state, batch, key)
+        assert float(metrics["finite"]) == 1.0
+        ours = export_state_dict(
+            "wrn-16-2",
+            {"params": state.params, "batch_stats": jax.device_get(state.batch_stats)},
+        )
+        for k, v in expected.items():
+            np.testing.assert_allclose(ours[k].numpy(), v, rtol=1e-5, atol=1e-6, err_msg=k)
+        if step == 0:
+            assert max(np.abs(usual[k] - expected[k]).max() for k in expected) > 1e-2
+
+
+def _reference_semisup_counts(n: int, batch: int, unsup_fraction: float, batches: int, epochs):
+    """core/data/semisup.py's SemiSupervisedSampler, transcribed: per epoch (one __iter__) a
+    fresh torch.randperm of the labelled indices, cut into slices of batch - int(batch *
+    unsup_fraction); returns the labelled indices of each epoch."""
+    sup_inds = list(range(n))
+    sup_batch = batch - int(batch * unsup_fraction)
+    out = []
+    for _ in range(epochs):
+        seen, counter = [], 0
+        while counter < batches:
+            shuffled = [sup_inds[i] for i in torch.randperm(len(sup_inds))]
+            for k in range(0, len(sup_inds), sup_batch):
+                if counter == batches:
+                    break
+                seen.extend(shuffled[k : k + sup_batch])
+                counter += 1
+        out.append(np.asarray(seen))
+    return out
+
+
+def test_ddpm_real_images_per_epoch_equal_semisup_sampler():
+    """Each epoch a fresh permutation of the real images, of which the first steps x real per
+    batch are used: per epoch no image twice, epochs independent (their overlap and the spread
+    of the counts per image as the reference sampler's); the old stream saw every image once
+    before any twice."""
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    assert config.dataset.real_sampling == "per_epoch"
+    n, batch, epochs = 200, 10, 30
+    images = np.zeros((n, 1, 1, 1), np.uint8)
+    train_split = Split(images, np.arange(n, dtype=np.int32))
+    generated = Split(np.zeros((50, 1, 1, 1), np.uint8), np.full((50,), -1, np.int32))
+    ds = Dataset("fake", 10, (1, 1, 1), (0.5,), (0.5,), *(train_split,) * 3, generated=generated)
+    kw = dict(process_index=0, process_count=1, epoch_size=200)  # 20 steps per epoch
+    ours, stream = (
+        TrainBatcher(ds, batch, 0, 0.3, **kw, real_sampling=sampling)
+        for sampling in ("per_epoch", "stream")
+    )
+    assert ours.steps_per_epoch == 20 and ours.num_real == 3
+
+    def epochs_of(batcher):
+        out = []
+        for e in range(epochs):
+            labels = [batcher.batch(s)["label"] for s in range(e * 20, (e + 1) * 20)]
+            labels = np.concatenate(labels)
+            out.append(labels[labels >= 0])
+        return out
+
+    torch.manual_seed(0)
+    reference = _reference_semisup_counts(n, batch, 0.7, 20, epochs)
+
+    def stats(per_epoch, distinct=True):
+        assert all(len(e) == 60 for e in per_epoch)
+        assert not distinct or all(len(set(e.tolist())) == 60 for e in per_epoch)
+        counts = np.bincount(np.concatenate(per_epoch), minlength=n)
+        pairs = zip(per_epoch[:-1], per_epoch[1:], strict=True)
+        return counts.var(), np.mean([len(np.intersect1d(a, b)) for a, b in pairs])
+
+    ref_var, ref_overlap = stats(reference)
+    our_var, our_overlap = stats(epochs_of(ours))
+    # Binomial(30, 0.3) counts: variance 6.3; consecutive epochs share 60 * 60 / 200 = 18.
+    assert ref_var == pytest.approx(6.3, rel=0.3) and ref_overlap == pytest.approx(18, rel=0.2)
+    assert our_var == pytest.approx(ref_var, rel=0.3)
+    assert our_overlap == pytest.approx(ref_overlap, rel=0.2)
+    old_var, old_overlap = stats(epochs_of(stream), distinct=False)
+    assert old_var < 1.0 and old_overlap < 6  # the old stream: 9 passes, each image 9 times
+
+
+def test_basic_trades_running_stats_follow_train_cifar_pass_order():
+    """train_cifar.py's TRADES iteration computes f(x_adv) before f(x) in train mode, so the
+    running averages take the adversarial batch first (the attack runs in eval mode)."""
+    import copy
+
+    from score_jax import train
+    from score_jax.torch_bridge.convert import export_state_dict
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_basic.py", "trades-se")
+    assert config.loss.trades_pass_order == "adv_first" and config.attack.batchnorm == "eval"
+    config.augment.crop_padding, config.augment.flip = 0, False
+    kw = dict(width=8, hidden=16)
+    flax_model, variables, torch_model = _models("small-cnn", kw, (8, 8, 3), seed=2)
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+        "label": (np.arange(8) % 10).astype(np.int32),
+        "pos": np.arange(8, dtype=np.int32),
+    }
+    x = jnp.asarray(batch["image"].astype(np.float32) / 255.0)
+    mesh = train.make_mesh(jax.devices()[:1])
+    step_fn = train.compile_train_step(flax_model, config, optax.constant_schedule(0.05), 0, mesh)
+    key = train.base_key(0)
+    state = _state(variables)
+    new_state, _ = step_fn(train.replicate(state, mesh), batch, key)
+    # The train step's attack, outside it: its per-example keys (train_step's fold 2).
+    keys = train.example_keys(key, jnp.asarray(0), jnp.arange(8))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 2)
+    x_adv, _ = jax.jit(
+        lambda s, x, k: train.adversarial_examples(
+            flax_model, config, s, x, jnp.asarray(batch["label"]), k
+        )
+    )(state, x, keys)
+    assert float(jnp.abs(x_adv - x).max()) > 7 / 255
+
+    def torch_stats(first, second):
+        model = copy.deepcopy(torch_model)
+        _biased_running_var(model)
+        model.train()
+        with torch.no_grad():
+            model(_nchw(first))
+            model(_nchw(second))
+        return {k: v.numpy() for k, v in model.state_dict().items() if "running" in k}
+
+    expected = torch_stats(x_adv, x)
+    ours = export_state_dict(
+        "small-cnn",
+        {"params": new_state.params, "batch_stats": jax.device_get(new_state.batch_stats)},
+    )
+    for k, v in expected.items():
+        np.testing.assert_allclose(ours[k].numpy(), v, rtol=1e-5, atol=1e-6, err_msg=k)
+    contrast = torch_stats(x, x_adv)  # the clean pass first
+    assert max(np.abs(contrast[k] - expected[k]).max() for k in expected) > 1e-4
+
+
+def test_basic_l2_start_is_a_normal_direction_at_a_uniform_radius():
+    """train_cifar.py's `attack_pgd` / `attack_pgd_divergence` L2 start: delta = n r eps/||n||,
+    n ~ N(0, 1)^d, r ~ U(0, 1) (then clamped to the box), so the radius is uniform in
+    [0, eps]; a uniform draw in the ball has radius eps U^(1/d), nearly always close to eps."""
+    from score_jax import attacks
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_basic.py", "pgd_at-se,l2")
+    assert config.attack.init == "uniform_radius"
+    assert config.eval.pgd.init == config.eval.pgd_se.init == "uniform_radius"
+    eps, n = config.attack.eps, 4000
+    x = jnp.full((n, 8, 8, 3), 0.5)  # in the box's interior: no clamping
+    ours = attacks.initial_delta(jax.random.key(0), x, eps=eps, norm="l2", init="uniform_radius")
+    ours = np.sqrt(np.sum(np.asarray(ours) ** 2, axis=(1, 2, 3))) / eps
+    torch.manual_seed(0)
+    delta = torch.zeros((n, 3, 8, 8)).normal_()  # the reference's lines
+    norms = delta.view(n, -1).norm(p=2, dim=1).view(n, 1, 1, 1)
+    delta *= torch.zeros_like(norms).uniform_(0, 1) / norms * eps
+    theirs = delta.view(n, -1).norm(p=2, dim=1).numpy() / eps
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert np.quantile(theirs, q) == pytest.approx(q, abs=0.03)
+        assert np.quantile(ours, q) == pytest.approx(q, abs=0.03)
+    old = attacks.initial_delta(jax.random.key(0), x, eps=eps, norm="l2", init="uniform")
+    assert np.quantile(np.sqrt(np.sum(np.asarray(old) ** 2, axis=(1, 2, 3))) / eps, 0.1) > 0.9
+
+
+def _torch_advertorch_l2_pgd(model, x, y, delta0, eps, eps_iter, steps):
+    """core/attacks/pgd.py `perturb_iterative` (ord 2) with core/attacks/utils.py's CWLoss,
+    transcribed (CPU), from the start `delta0` (its rand_init_delta, here drawn by JAX)."""
+    model.eval()
+    delta = delta0.clone().requires_grad_(True)
+    onehot = torch.nn.functional.one_hot(y, 10).to(x.dtype)
+    for _ in range(steps):
+        output = model(x + delta)
+        real = (onehot * output).sum(1)
+        other = ((1.0 - onehot) * output - onehot * 10000.0).max(1)[0]
+        loss = torch.sum(-torch.clamp(real - other, min=0.0))
+        loss.backward()
+        grad = delta.grad.data
+        norm = grad.abs().pow(2).view(len(x), -1).sum(dim=1).pow(0.5)
+        grad = grad / torch.max(norm, torch.ones_like(norm) * 1e-6).view(-1, 1, 1, 1)
+        delta.data = delta.data + eps_iter * grad
+        delta.data = torch.clamp(x.data + delta.data, 0.0, 1.0) - x.data
+        norm = delta.data.abs().pow(2).view(len(x), -1).sum(dim=1).pow(0.5)
+        factor = torch.min(eps / norm, torch.ones_like(norm))
+        delta.data = delta.data * factor.view(-1, 1, 1, 1)
+        delta.grad.data.zero_()
+    return torch.clamp(x + delta, 0.0, 1.0)
+
+
+def test_ddpm_l2_validation_attack_equals_core_attacks_pgd():
+    """watrain.py's eval attack for L2: core/attacks/pgd.py's L2PGDAttack on CWLoss, 40 steps of
+    --attack-step (default 2/255), from rand_init_delta's start (a uniform point of the image
+    box, scaled to the ball), each step normalised, clipped to the box, then to the ball."""
+    from score_jax import attacks, evaluate
+
+    config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py", "l2")
+    spec = config.eval.pgd_cw
+    assert (spec.num_steps, spec.step_size, spec.objective) == (40, 2 / 255, "cw_clamped")
+    assert (spec.eps, spec.norm) == (128 / 255, "l2")
+    flax_model, variables, torch_model = _models("wrn-16-2", dict(depth=10, width=1), (8, 8, 3))
+    rng = np.random.default_rng(0)
+    n = 16
+    x = rng.uniform(0.0, 1.0, (n, 8, 8, 3)).astype(np.float32)
+    labels = jnp.arange(n) % 10
+    keys = jax.random.split(jax.random.key(7), n)
+
+    def logits_fn(inputs):
+        return flax_model.apply(variables, inputs, train=False)
+
+    points = jax.jit(lambda x, k: evaluate.pgd_points(spec, logits_fn, x, labels, k))
+    x_adv = np.asarray(points(jnp.asarray(x), keys))
+    delta0 = np.asarray(
+        attacks.initial_delta(keys, jnp.asarray(x), eps=spec.eps, norm="l2", init=spec.init)
+    )
+    # The start: on the sphere (||u - x|| > eps here), in the box, towards the box's points.
+    norms0 = np.sqrt((delta0**2).reshape(n, -1).sum(-1))
+    np.testing.assert_allclose(norms0, spec.eps, rtol=1e-5)
+    assert (x + delta0).min() >= 0.0 and (x + delta0).max() <= 1.0
+    cos = np.sum(delta0 * (0.5 - x), axis=(1, 2, 3)) / (
+        norms0 * np.sqrt(((0.5 - x) ** 2).reshape(n, -1).sum(-1))
+    )
+    assert cos.mean() > 0.5  # an isotropic start would give ~0
+    torch_model = torch_model.double()
+    expected = _torch_advertorch_l2_pgd(
+        torch_model,
+        _nchw(x).double(),
+        torch.from_numpy(np.asarray(labels)).long(),
+        _nchw(delta0).double(),
+        spec.eps,
+        spec.step_size,
+        spec.num_steps,
+    )
+    np.testing.assert_allclose(x_adv, _nhwc(expected), atol=2e-4, rtol=0)
+    moved = np.sqrt(((x_adv - x - delta0) ** 2).reshape(n, -1).sum(-1))
+    assert moved.max() > 0.05  # the steps did something (not the start alone)
+
+
+def test_old_ddpm_checkpoints_are_refused_and_old_digits_ones_resume():
+    """A checkpoint's fingerprint from before the new reference defaults: refused for the DDPM
+    recipe (its real-image sampling, first-step BatchNorm and logits init changed), resumed for
+    digits (whose recipe did not change)."""
+    from score_jax import checkpoint
+
+    def old(config):
+        saved = checkpoint.fingerprint(config)
+        for field in checkpoint.ADDED_FIELDS:
+            section, _, name = field.rpartition(".")
+            (saved[section] if section else saved).pop(name)
+        return saved
+
+    ddpm = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py")
+    saved = old(ddpm)
+    saved["model"]["init_scheme"] = "default"
+    assert checkpoint.fingerprint_mismatch(saved, checkpoint.fingerprint(ddpm)) == [
+        "bn_first_batch_stats",
+        "dataset.real_sampling",
+        "model.init_scheme",
+    ]
+    digits = config_lib.load_config_file(f"{CONFIGS}/digits.py")
+    assert checkpoint.fingerprint_mismatch(old(digits), checkpoint.fingerprint(digits)) == []
+    basic = config_lib.load_config_file(f"{CONFIGS}/cifar10_basic.py", "trades-se")
+    saved = old(basic)
+    saved["dataset"]["epoch_size"], saved["optim"]["schedule_unit"] = 0, "step"
+    assert checkpoint.fingerprint_mismatch(saved, checkpoint.fingerprint(basic)) == [
+        "dataset.epoch_size",
+        "loss.trades_pass_order",
+        "optim.schedule_unit",
+    ]

@@ -16,6 +16,7 @@ import numpy as np
 
 from score_jax.data.augment import augment
 from score_jax.data.pipeline import (
+    REAL_SAMPLINGS,
     TrainBatcher,
     check_real_fraction,
     eval_batches,
@@ -28,6 +29,7 @@ __all__ = [
     "DATASET_NAMES",
     "Dataset",
     "DatasetInfo",
+    "REAL_SAMPLINGS",
     "Split",
     "TrainBatcher",
     "VALIDATION_ORDERS",

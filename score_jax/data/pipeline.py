@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 # Tags that keep the random streams of one (seed, step) apart.
 _GENERATED_TAG = 1
 _MIX_TAG = 2
+_PER_EPOCH_TAG = 3
 _PERM_CACHE_SIZE = 3
+# How the real images of the batches are drawn (TrainBatcher).
+REAL_SAMPLINGS = ("stream", "per_epoch")
 
 
 def check_real_fraction(real_fraction: float, has_generated: bool) -> float:
@@ -74,10 +77,15 @@ def steps_per_epoch(num_train: int, global_batch_size: int, epoch_size: int | No
 class TrainBatcher:
     """Stateless training batches mixing real and (optionally) generated examples.
 
-    Real examples come from an endless stream of per-epoch permutations: stream position
+    Real examples, `real_sampling` "stream": an endless stream of permutations, stream position
     p = step * n_real + j is example perm_e[p % N] with e = p // N and
-    perm_e = default_rng([seed, e]).permutation(N). The global - n_real generated examples of
-    a step are drawn with replacement by default_rng([seed, step, 1]). The global batch is
+    perm_e = default_rng([seed, e]).permutation(N), so every image is seen once before any is
+    seen twice. "per_epoch" (the reference's DDPM sampler, core/data/semisup.py): the stream
+    restarts at every epoch E from fresh permutations, position q = (step % steps_per_epoch) *
+    n_real + j of epoch E = step // steps_per_epoch being perm_{E,c}[q % N], c = q // N,
+    perm_{E,c} = default_rng([seed, 3, E, c]).permutation(N): an epoch uses the first
+    steps_per_epoch * n_real images of its permutation. The global - n_real generated examples
+    of a step are drawn with replacement by default_rng([seed, step, 1]). The global batch is
     then shuffled by default_rng([seed, step, 2]) so that both kinds spread over processes.
 
     An epoch is ceil(epoch_size / global_batch_size) steps; epoch_size defaults to the train
@@ -94,7 +102,13 @@ class TrainBatcher:
         process_index: int | None = None,
         process_count: int | None = None,
         epoch_size: int | None = None,
+        real_sampling: str = "stream",
     ):
+        if real_sampling not in REAL_SAMPLINGS:
+            raise ConfigError(
+                f"config.dataset.real_sampling={real_sampling!r}; valid: {REAL_SAMPLINGS}"
+            )
+        self.real_sampling = real_sampling
         self.real_fraction = check_real_fraction(real_fraction, dataset.generated is not None)
         if seed < 0:
             raise ConfigError(f"config.seed must be non-negative, got {seed}")
@@ -119,22 +133,24 @@ class TrainBatcher:
         self.steps_per_epoch = steps_per_epoch(self.num_train, global_batch_size, epoch_size)
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
+    def _perm(self, seed: tuple[int, ...]) -> np.ndarray:
+        perm = self._perms.get(seed)
         if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-            self._perms[epoch] = perm
+            perm = np.random.default_rng([self.seed, *seed]).permutation(self.num_train)
+            self._perms[seed] = perm
             while len(self._perms) > _PERM_CACHE_SIZE:
                 self._perms.popitem(last=False)
         return perm
 
-    def real_indices(self, stream_positions: np.ndarray) -> np.ndarray:
-        """Train-split indices of positions in the endless stream of epoch permutations."""
-        epochs = stream_positions // self.num_train
+    def real_indices(self, stream_positions: np.ndarray, epoch: int | None = None) -> np.ndarray:
+        """Train-split indices of positions in the stream of permutations: the endless one, or
+        with `epoch` ("per_epoch" sampling) that epoch's own."""
+        passes = stream_positions // self.num_train
         out = np.empty_like(stream_positions)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            out[sel] = self._perm(int(epoch))[stream_positions[sel] % self.num_train]
+        for c in np.unique(passes):
+            sel = passes == c
+            seed = (int(c),) if epoch is None else (_PER_EPOCH_TAG, epoch, int(c))
+            out[sel] = self._perm(seed)[stream_positions[sel] % self.num_train]
         return out
 
     def sources(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,7 +165,11 @@ class TrainBatcher:
         is_generated = entry >= self.num_real
         index = np.empty_like(entry)
         real = ~is_generated
-        index[real] = self.real_indices(step * self.num_real + entry[real])
+        if self.real_sampling == "stream":
+            index[real] = self.real_indices(step * self.num_real + entry[real])
+        else:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            index[real] = self.real_indices(k * self.num_real + entry[real], epoch)
         if self.num_generated:
             drawn = np.random.default_rng([self.seed, step, _GENERATED_TAG]).integers(
                 0, len(self.generated), self.num_generated

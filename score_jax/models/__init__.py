@@ -43,7 +43,16 @@ from score_jax.models.wide_resnet import (
 
 JAX_ONLY_FIELDS = ("conv_impl", "dtype", "bn_axis_name", "init_scheme")  # no effect in torch
 _SHARED = ("activation", "conv_impl", "dtype")  # set from config.model's own fields
-_NOT_ARCH = ("parent", "name", "num_classes", "mean", "std", "bn_axis_name", *_SHARED)
+_NOT_ARCH = (
+    "parent",
+    "name",
+    "num_classes",
+    "mean",
+    "std",
+    "bn_axis_name",
+    "bn_momentum_override",
+    *_SHARED,
+)
 
 # Flax module-name -> PyTorch state-dict name, re.sub'd on each component of a parameter's path.
 _WRN_RENAMES = ((r"^layer_(\d+)$", r"layer.\1"), (r"^block_(\d+)$", r"block.\1"))
@@ -124,8 +133,9 @@ def get_model(name: str, num_classes: int, **kw) -> nn.Module:
     """Builds the model `name` with `num_classes` outputs; `kw` are the model's fields.
 
     Common fields: mean, std, activation ("silu" | "relu"), bn_axis_name, conv_impl
-    ("xla" | "im2col" | "hybrid" | "auto"), dtype, init_scheme ("default" | "torch": PyTorch's
-    default initialisation of convolutions and linear layers).
+    ("xla" | "im2col" | "hybrid" | "auto"), dtype, init_scheme (layers.INIT_SCHEMES: "default",
+    "torch": PyTorch's default initialisation of convolutions and linear layers, "dm": the
+    reference WRN's).
     """
     make = architecture(name).flax
     if "activation" in kw:

@@ -28,7 +28,11 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"silu": nn.silu, "re
 # He-normal (fan_out), as torchvision initialises ResNet convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-INIT_SCHEMES = ("default", "torch")
+# "default": He-normal (fan_out) convolutions, Flax's Dense (LeCun normal, zero bias); "torch":
+# PyTorch's defaults everywhere; "dm": the reference's DeepMind-style WRN
+# (core/models/wideresnetwithswish.py): He-normal (fan_out) convolutions, nn.Linear's default
+# weight U(+-1/sqrt(fan_in)) and a zero bias.
+INIT_SCHEMES = ("default", "torch", "dm")
 # PyTorch's nn.Conv2d / nn.Linear default: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in))
 # with fan_in = kh * kw * cin (HWIO) or the Dense input size.
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -209,6 +213,9 @@ class ModelBase(nn.Module):
     dtype: Dtype = jnp.float32
     # "default": He-normal (fan_out) convolutions, Flax's Dense; "torch": PyTorch's defaults.
     init_scheme: str = "default"
+    # The BatchNorm momentum (Flax terms) instead of bn_momentum, e.g. a traced one (train_step's
+    # first step); None: bn_momentum.
+    bn_momentum_override: Any = None
 
     bn_momentum: ClassVar[float] = 0.9  # Flax terms: PyTorch momentum 0.1.
 
@@ -220,6 +227,7 @@ class ModelBase(nn.Module):
             conv_impl=self.conv_impl,
             dtype=self.dtype,
             init_scheme=self.init_scheme,
+            bn_momentum_override=self.bn_momentum_override,
         )
 
     def act(self, x: jax.Array) -> jax.Array:
@@ -227,9 +235,10 @@ class ModelBase(nn.Module):
 
     def batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
         """BatchNorm with batch statistics in training, synced over `bn_axis_name` if set."""
+        momentum = self.bn_momentum_override
         return nn.BatchNorm(
             use_running_average=not train,
-            momentum=self.bn_momentum,
+            momentum=self.bn_momentum if momentum is None else momentum,
             epsilon=1e-5,
             axis_name=self.bn_axis_name,
             dtype=self.dtype,
@@ -256,13 +265,15 @@ class ModelBase(nn.Module):
         """A Dense layer with the init scheme's kernel and bias initialisers."""
 
         def apply(x: jax.Array) -> jax.Array:
-            if not self.torch_init():
+            scheme = check_init_scheme(self.init_scheme)
+            if scheme == "default":
                 return nn.Dense(features, dtype=self.dtype, name=name)(x)
+            bias_init = torch_bias_init(x.shape[-1]) if scheme == "torch" else nn.initializers.zeros
             return nn.Dense(
                 features,
                 dtype=self.dtype,
                 kernel_init=torch_kernel_init,
-                bias_init=torch_bias_init(x.shape[-1]),
+                bias_init=bias_init,
                 name=name,
             )(x)
 
