@@ -30,6 +30,8 @@ Objective = Callable[[Array], Array]
 LogitsFn = Callable[[Array], Array]
 
 NORMS = ("linf", "l2")
+# The model's BatchNorm mode in the training attack's passes (train.adversarial_examples).
+ATTACK_BATCHNORM = ("batch_frozen", "eval", "batch_update")
 INITS = ("uniform", "normal", "zero", "uniform_radius", "box_point")
 L2_RULES = ("ball_then_box", "box_then_ball", "advertorch")
 # torch.Tensor.renorm's guard: a delta with norm above eps is scaled by eps / (norm + 1e-7).

@@ -96,15 +96,13 @@ def _lr_boundaries_ok(v: Any) -> bool:
 
 
 def _attack_checks() -> dict[str, Check]:
-    from score_jax import train
-
     return {
         "attack.norm": _choice(attacks.NORMS),
         "attack.eps": _real(0.0),
         "attack.step_size": _real(0.0),
         "attack.num_steps": _integer(0),
         "attack.init": _choice(attacks.INITS),
-        "attack.batchnorm": _choice(train.ATTACK_BATCHNORM),
+        "attack.batchnorm": _choice(attacks.ATTACK_BATCHNORM),
         "attack.l2_rule": _choice(attacks.L2_RULES),
     }
 
@@ -143,7 +141,6 @@ def evaluator_checks(kind: str) -> dict[str, Check]:
 
 def field_checks() -> dict[str, Check]:
     """dotted field -> (predicate, requirement) for every field of base_config()."""
-    from score_jax import train
     from score_jax.models import ACTIVATIONS, CONV_IMPLS, INIT_SCHEMES, MODEL_NAMES
 
     return {
@@ -180,13 +177,13 @@ def field_checks() -> dict[str, Check]:
         "model.conv_impl": _choice(CONV_IMPLS),
         "model.dtype": _choice(("float32", "bfloat16")),
         "model.init_scheme": _choice(INIT_SCHEMES),
-        "loss.method": _choice(train.LOSS_METHODS),
+        "loss.method": _choice(losses.LOSS_METHODS),
         "loss.divergence": _choice(losses.DIVERGENCES),
         "loss.beta": _real(0.0),
         "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
         "loss.clip_clean": _BOOL,
         "loss.label_smoothing": _PROB,
-        "loss.trades_pass_order": _choice(train.TRADES_PASS_ORDERS),
+        "loss.trades_pass_order": _choice(losses.TRADES_PASS_ORDERS),
         **_attack_checks(),
         "eval.select_by": (
             lambda v: (

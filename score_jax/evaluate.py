@@ -26,9 +26,9 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from score_jax import attacks, data, losses, xla_options
+from score_jax import attacks, data, losses
 from score_jax.errors import ConfigError
-from score_jax.train import AXIS, shard_batch
+from score_jax.parallel import AXIS, data_parallel, shard_batch
 
 Array = jax.Array
 # correct(logits_fn, x, labels, keys) -> per-example 0/1 correctness (B,) under the evaluator.
@@ -185,9 +185,7 @@ def eval_step(
 def compile_step(model: nn.Module, correct_fn: CorrectFn, mesh: Mesh) -> StepFn:
     """jit(shard_map(eval_step)): variables replicated, batch split on "batch"."""
     step = functools.partial(eval_step, model=model, correct_fn=correct_fn)
-    return xla_options.jit(
-        jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False)
-    )
+    return data_parallel(step, mesh, (P(), P(AXIS), P()), P())
 
 
 def compile_steps(

@@ -16,6 +16,10 @@ from score_jax.errors import ConfigError
 Array = jax.Array
 
 DIVERGENCES = ("kl", "se", "l1", "l2", "linf", "js", "js_dist", "l1_sq")
+# Training methods (config.loss.method; train.METHODS holds their attack objective and loss).
+LOSS_METHODS = ("trades", "pgd_at")
+# TRADES: the order of the loss's clean and adversarial passes (they update the running averages).
+TRADES_PASS_ORDERS = ("clean_first", "adv_first")
 
 # Probabilities below this are treated as 0 inside a logarithm (value and gradient stay finite).
 _TINY = 1e-30

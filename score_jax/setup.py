@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from score_jax import config_lib, data, evaluate, models, optim, train
+from score_jax import config_lib, data, evaluate, models, optim, parallel, train
 
 PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
 
@@ -79,7 +79,7 @@ class Setup:
     """A run's parts: mesh, data and batcher, model, optimizer, key; initial state; evaluation.
 
     `dataset`: the run's Dataset (default: `load_data(config)`), or a DatasetInfo for the model
-    alone (no `dataset` splits, no `batcher`). `mesh`: default all devices (`train.make_mesh`).
+    alone (no `dataset` splits, no `batcher`). `mesh`: default all devices (`parallel.make_mesh`).
     `workdir` is only named in messages.
     """
 
@@ -93,7 +93,7 @@ class Setup:
     ):
         self.config = config
         self.workdir = workdir
-        self.mesh = train.make_mesh() if mesh is None else mesh
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
         config_lib.validate(config, num_devices=self.mesh.size)  # the run's one validation
         if dataset is None:
             dataset = load_data(config)
@@ -119,14 +119,14 @@ class Setup:
         self.momentum_schedule = parts.momentum_schedule
         self.tx = parts.tx
         self.ema_warmup_steps = parts.ema_warmup_steps
-        self.key = train.base_key(config.seed)
+        self.key = parallel.base_key(config.seed)
         self._eval_steps: dict[str, dict[str, evaluate.StepFn]] = {}
 
     def initial_state(self) -> train.TrainState:
         state = train.create_train_state(
             self.model, self.tx, self.info.image_shape, self.config.seed
         )
-        return train.replicate(state, self.mesh)
+        return parallel.replicate(state, self.mesh)
 
     def compile_train_step(self) -> Callable:
         """The jitted train step (`train.compile_train_step`) of this model, schedules and mesh:
@@ -161,7 +161,7 @@ class Setup:
             ema_params=variables["params"],
             batch_stats=variables["batch_stats"],
         )
-        return train.replicate(state, self.mesh)
+        return parallel.replicate(state, self.mesh)
 
     def eval_steps(
         self, section: str | dict[str, ml_collections.ConfigDict]

@@ -6,24 +6,46 @@ and (optionally) BatchNorm statistics are averaged with `lax.pmean` over the mes
 the state. The same code runs on one CPU, one GPU, or every core of a TPU pod.
 """
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from score_jax import attacks, data, losses, optim, xla_options
+from score_jax import attacks, data, losses, optim
+from score_jax.attacks import ATTACK_BATCHNORM
+from score_jax.losses import LOSS_METHODS, TRADES_PASS_ORDERS
+from score_jax.parallel import AXIS, base_key, data_parallel, make_mesh, replicate, shard_batch
 
-AXIS = "batch"
-LOSS_METHODS = ("trades", "pgd_at")
-TRADES_PASS_ORDERS = ("clean_first", "adv_first")
+__all__ = [  # the parallel helpers, re-exported for the callers of train.make_mesh & co.
+    "ATTACK_BATCHNORM",
+    "AXIS",
+    "LOSS_METHODS",
+    "METHODS",
+    "TRADES_PASS_ORDERS",
+    "TrainState",
+    "adversarial_examples",
+    "base_key",
+    "compile_train_step",
+    "create_train_state",
+    "example_keys",
+    "loss_method",
+    "make_loss_fn",
+    "make_mesh",
+    "replicate",
+    "shard_batch",
+    "train_step",
+    "tree_finite",
+    "update",
+]
 
 
 class TrainState(train_state.TrainState):
@@ -34,17 +56,6 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     ema_params: Any
-
-
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over all devices (of all processes), axis "batch"."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (AXIS,))
-
-
-def base_key(seed: int) -> np.ndarray:
-    """The run's base PRNG key as raw uint32 data (identical on every host)."""
-    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 def example_keys(key: jax.Array, step: jax.Array, pos: jax.Array) -> jax.Array:
@@ -82,7 +93,103 @@ def apply_train(model: nn.Module, params, batch_stats, inputs) -> tuple[jax.Arra
     return logits, updates["batch_stats"]
 
 
-ATTACK_BATCHNORM = ("batch_frozen", "eval", "batch_update")
+@dataclasses.dataclass(frozen=True)
+class LossMethod:
+    """A training method (config.loss.method): what its attack maximises and its loss.
+
+    attack_objective(logits_fn, x, labels, stats, lc) -> (objective(x', stats) -> (values (B,),
+      stats), stats): the per-example objective of the attack, after any clean pass it needs;
+    loss(apply, x, x_adv, labels, stats, lc) -> (loss, stats, aux metrics), apply(inputs,
+      stats) -> (logits, stats) being the model in train mode at the parameters differentiated.
+    """
+
+    attack_objective: Callable
+    loss: Callable
+
+
+def _trades_attack_objective(logits_fn, x, labels, stats, lc):
+    """D(p || softmax f(x')), p = softmax f(x) held fixed (computed in the attack's mode)."""
+    del labels
+    logits_nat, stats = logits_fn(x, stats)
+    p_nat = jax.lax.stop_gradient(jax.nn.softmax(logits_nat.astype(jnp.float32)))
+
+    def objective(inputs, s):
+        logits, s = logits_fn(inputs, s)
+        return losses.divergence_from_logits(p_nat, logits, lc.divergence), s
+
+    return objective, stats
+
+
+def _trades_loss(apply, x, x_adv, labels, stats, lc):
+    """Mean of D(y~ || p) + beta D(p || p') (clipped if clip_c), the two passes updating the
+    running averages in lc.trades_pass_order."""
+    order = lc.get("trades_pass_order", "clean_first")
+    if order not in TRADES_PASS_ORDERS:
+        raise ValueError(f"config.loss.trades_pass_order must be one of {TRADES_PASS_ORDERS}")
+    if order == "clean_first":
+        logits_nat, stats = apply(x, stats)
+        logits_adv, stats = apply(x_adv, stats)
+    else:
+        logits_adv, stats = apply(x_adv, stats)
+        logits_nat, stats = apply(x, stats)
+    kw = dict(kind=lc.divergence, label_smoothing=lc.label_smoothing)
+    per_example = losses.trades_per_example(
+        logits_nat,
+        logits_adv,
+        labels,
+        beta=lc.beta,
+        clip_c=lc.get("clip_c"),
+        clip_clean=lc.clip_clean,
+        **kw,
+    )
+    natural, robust = losses.trades_terms(logits_nat, logits_adv, labels, **kw)
+    aux = {
+        "natural": jnp.mean(natural),
+        "robust": jnp.mean(robust),
+        "clean_accuracy": jnp.mean(losses.accuracy(logits_nat, labels)),
+        "adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels)),
+    }
+    return jnp.mean(per_example), stats, aux
+
+
+def _pgd_at_attack_objective(logits_fn, x, labels, stats, lc):
+    """D(y~ || softmax f(x'))."""
+    del x
+
+    def objective(inputs, s):
+        logits, s = logits_fn(inputs, s)
+        return losses.pgd_at_per_example(
+            logits, labels, kind=lc.divergence, label_smoothing=lc.label_smoothing
+        ), s
+
+    return objective, stats
+
+
+def _pgd_at_loss(apply, x, x_adv, labels, stats, lc):
+    """Mean of D(y~ || p') (clipped if clip_c)."""
+    del x
+    logits_adv, stats = apply(x_adv, stats)
+    loss = losses.pgd_at_loss(
+        logits_adv,
+        labels,
+        kind=lc.divergence,
+        clip_c=lc.get("clip_c"),
+        label_smoothing=lc.label_smoothing,
+    )
+    return loss, stats, {"adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels))}
+
+
+# config.loss.method -> its attack objective and loss (names: losses.LOSS_METHODS).
+METHODS: dict[str, LossMethod] = {
+    "trades": LossMethod(_trades_attack_objective, _trades_loss),
+    "pgd_at": LossMethod(_pgd_at_attack_objective, _pgd_at_loss),
+}
+
+
+def loss_method(name: str) -> LossMethod:
+    if name not in METHODS:
+        raise ValueError(f"config.loss.method must be one of {LOSS_METHODS}, got {name!r}")
+    return METHODS[name]
 
 
 def adversarial_examples(
@@ -108,8 +215,6 @@ def adversarial_examples(
     mode = ac.batchnorm
     if mode not in ATTACK_BATCHNORM:
         raise ValueError(f"config.attack.batchnorm must be one of {ATTACK_BATCHNORM}, got {mode!r}")
-    if lc.method not in LOSS_METHODS:
-        raise ValueError(f"config.loss.method must be one of {LOSS_METHODS}, got {lc.method!r}")
 
     def logits_fn(inputs: jax.Array, stats: Any) -> tuple[jax.Array, Any]:
         if mode == "eval":
@@ -118,24 +223,9 @@ def adversarial_examples(
         logits, new_stats = apply_train(model, state.params, stats, inputs)
         return logits, (new_stats if mode == "batch_update" else stats)
 
-    stats = state.batch_stats
-    if lc.method == "trades":
-        logits_nat, stats = logits_fn(x, stats)
-        p_nat = jax.lax.stop_gradient(jax.nn.softmax(logits_nat.astype(jnp.float32)))
-
-        def objective(inputs, s):
-            logits, s = logits_fn(inputs, s)
-            return losses.divergence_from_logits(p_nat, logits, lc.divergence), s
-
-    else:
-
-        def objective(inputs, s):
-            logits, s = logits_fn(inputs, s)
-            per_example = losses.pgd_at_per_example(
-                logits, labels, kind=lc.divergence, label_smoothing=lc.label_smoothing
-            )
-            return per_example, s
-
+    objective, stats = loss_method(lc.method).attack_objective(
+        logits_fn, x, labels, state.batch_stats, lc
+    )
     return attacks.pgd_with_state(
         objective,
         x,
@@ -165,61 +255,16 @@ def make_loss_fn(
     pass updating the running averages in config.loss.trades_pass_order. PGD-AT: mean of
     D(y~ || p') (clipped if clip_c).
     """
-    lc = config.loss
-    clip_c = lc.get("clip_c")
-    if lc.method == "trades":
-        order = lc.get("trades_pass_order", "clean_first")
-        if order not in TRADES_PASS_ORDERS:
-            raise ValueError(f"config.loss.trades_pass_order must be one of {TRADES_PASS_ORDERS}")
+    method = loss_method(config.loss.method)
 
-        def loss_fn(params):
-            if order == "clean_first":
-                logits_nat, stats = apply_train(model, params, batch_stats, x)
-                logits_adv, stats = apply_train(model, params, stats, x_adv)
-            else:
-                logits_adv, stats = apply_train(model, params, batch_stats, x_adv)
-                logits_nat, stats = apply_train(model, params, stats, x)
-            per_example = losses.trades_per_example(
-                logits_nat,
-                logits_adv,
-                labels,
-                beta=lc.beta,
-                kind=lc.divergence,
-                clip_c=clip_c,
-                clip_clean=lc.clip_clean,
-                label_smoothing=lc.label_smoothing,
-            )
-            natural, robust = losses.trades_terms(
-                logits_nat,
-                logits_adv,
-                labels,
-                kind=lc.divergence,
-                label_smoothing=lc.label_smoothing,
-            )
-            aux = {
-                "natural": jnp.mean(natural),
-                "robust": jnp.mean(robust),
-                "clean_accuracy": jnp.mean(losses.accuracy(logits_nat, labels)),
-                "adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels)),
-            }
-            return jnp.mean(per_example), (stats, aux)
+    def loss_fn(params):
+        def apply(inputs, stats):
+            return apply_train(model, params, stats, inputs)
 
-        return loss_fn
-    if lc.method == "pgd_at":
+        loss, stats, aux = method.loss(apply, x, x_adv, labels, batch_stats, config.loss)
+        return loss, (stats, aux)
 
-        def loss_fn(params):
-            logits_adv, stats = apply_train(model, params, batch_stats, x_adv)
-            loss = losses.pgd_at_loss(
-                logits_adv,
-                labels,
-                kind=lc.divergence,
-                clip_c=clip_c,
-                label_smoothing=lc.label_smoothing,
-            )
-            return loss, (stats, {"adv_accuracy": jnp.mean(losses.accuracy(logits_adv, labels))})
-
-        return loss_fn
-    raise ValueError(f"config.loss.method must be one of {LOSS_METHODS}, got {lc.method!r}")
+    return loss_fn
 
 
 def update(
@@ -329,20 +374,4 @@ def compile_train_step(
         sync_batch_stats=sync,
         momentum_fn=momentum_fn,
     )
-    # check_vma=False gives pmap semantics: a replicated input's gradient is per-device (not
-    # implicitly summed), so the explicit pmean above is the only reduction.
-    mapped = jax.shard_map(
-        step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False
-    )
-    return xla_options.jit(mapped, donate_argnums=0)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a pytree on every device of `mesh` (replicated; each process supplies its copy)."""
-    return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
-
-
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays split on "batch" from this process's rows (each host passes its own part)."""
-    sharding = NamedSharding(mesh, P(AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    return data_parallel(step, mesh, (P(), P(AXIS), P()), (P(), P()), donate_argnums=0)

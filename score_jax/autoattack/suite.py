@@ -14,7 +14,7 @@ stage with no example left is still listed (at the same accuracy).
 
     fns = make_stage_fns(model, eps=8/255, norm="linf", mesh=mesh)
     result = evaluate(model, variables, split, eps=8/255, norm="linf", batch_size=256,
-                      mesh=mesh, key=train.base_key(0), stage_fns=fns)
+                      mesh=mesh, key=parallel.base_key(0), stage_fns=fns)
 """
 
 import functools
@@ -29,10 +29,10 @@ from absl import logging
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from score_jax import data, xla_options
+from score_jax import data
 from score_jax.autoattack import apgd, fab, square
 from score_jax.errors import ConfigError
-from score_jax.train import AXIS, shard_batch
+from score_jax.parallel import AXIS, data_parallel, shard_batch
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -139,9 +139,7 @@ def make_stage_fns(
 
     def wrap(fn, targeted=False):
         in_specs = (P(), P(AXIS), P()) if targeted else (P(), P(AXIS))
-        return xla_options.jit(
-            jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False)
-        )
+        return data_parallel(fn, mesh, in_specs, P(AXIS))
 
     fns = {"clean": wrap(functools.partial(_clean_step, model=model))}
     for name in names:
@@ -240,7 +238,7 @@ def evaluate(
     Returns {"clean_accuracy", "robust_accuracy", "stages": [{"attack", "robust_accuracy",
     "seconds"}, ...], "num_examples"}. Multi-process runs: every process holds the whole split
     and passes its rows of each global batch; the robust flags are gathered on every host.
-    `key` is raw PRNG key data (`train.base_key`). `stage_fns` (from `make_stage_fns`, whose
+    `key` is raw PRNG key data (`parallel.base_key`). `stage_fns` (from `make_stage_fns`, whose
     eps, norm and options are then the ones that run) skips compiling again.
     """
     names = resolve_attacks(version, attacks)
