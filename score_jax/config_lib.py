@@ -16,7 +16,7 @@ from ml_collections import config_dict
 from score_jax import losses
 from score_jax.config_checks import validate  # noqa: F401 - config_lib.validate, as callers use
 from score_jax.errors import ConfigError
-from score_jax.train import LOSS_METHODS
+from score_jax.losses import LOSS_METHODS
 
 CIFAR10_EPS = 8 / 255
 # The rows of the paper's Tables 1 and 2: "<method>-<divergence>", e.g. "pgd_at-kl" (Madry).
@@ -142,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loss = ml_collections.ConfigDict(
         dict(
-            method="trades",  # "trades" | "pgd_at" (train.LOSS_METHODS)
+            method="trades",  # "trades" | "pgd_at" (losses.LOSS_METHODS)
             divergence="se",  # a divergence of score_jax.losses.DIVERGENCES
             beta=6.0,
             clip_c=config_dict.placeholder(float),  # None: no clipping
@@ -264,65 +264,17 @@ def _respell(variant: str, names: Collection[str]) -> str | None:
     return ",".join(out)
 
 
-def ddpm_config(dataset: str, real_fraction: float, variant: str = "") -> ml_collections.ConfigDict:
-    """The DDPM setting (Tables 3, 4; configs/cifar10_ddpm.py documents it): WRN + DDPM data.
-    variant: a comma list of `beta3`, `l2`, `wrn-70-16`."""
-    _, options = parse_variant(variant, ("beta3", "l2", "wrn-70-16"))
-    c = base_config()
-    c.dataset.name = dataset
-    c.dataset.real_fraction = real_fraction  # dataset.ddpm_path: required, the generated .npz
-    c.dataset.epoch_size = 50000  # the reference counts all 50000 images (validation included)
-    c.dataset.real_sampling = "per_epoch"  # semisup.py: a fresh permutation every epoch
-    c.model.name = "wrn-70-16" if "wrn-70-16" in options else "wrn-28-10"
-    c.model.activation = "silu"
-    c.model.init_scheme = "dm"  # wideresnetwithswish.py: nn.Linear's weight, zero bias
-    c.bn_first_batch_stats = True  # watrain.py: BatchNorm momentum 1 for the first step
-    c.batch_size = 512
-    c.eval_batch_size = 512
-    c.num_epochs = 400
-    c.checkpoint_every_steps = 2000
-    # OneCycleLR(max_lr=0.2, pct_start=0.025, total_steps=epochs) stepped once per epoch, the
-    # momentum cycled 0.95 -> 0.85 -> 0.95 (OneCycleLR's default; optim.momentum unused).
-    c.optim.learning_rate = 0.2
-    c.optim.schedule = "one_cycle"
-    c.optim.schedule_unit = "epoch"
-    c.optim.cycle_momentum = True
-    c.optim.nesterov = True
-    c.optim.weight_decay_batchnorm = False
-    c.loss.beta = 3.0 if "beta3" in options else 4.0
-    # The attack: batch statistics, running averages not tracked (base's "batch_frozen", trades.py).
-    if "l2" in options:
-        # trades_loss_LSE's L2 loop: 0.001 N(0,1) start (base's), lr 2 eps / steps, box then renorm.
-        c.attack.norm, c.attack.eps = "l2", 128 / 255
-        c.attack.step_size = 2 * c.attack.eps / c.attack.num_steps
-        c.attack.l2_rule = "box_then_ball"
-    else:
-        # x + U(-eps, eps) clamped to [0, 1], then sign steps of 2/255 (base's eps and step).
-        c.attack.init = "uniform"
-    # The reference's validation (watrain.py): PGD-40 on its CW loss of the EMA, every epoch, a
-    # new best on >=, with core/attacks/pgd.py's start and steps (L2: a box point scaled to
-    # the ball, box then ball) of --attack-step, whose default is 2/255 for both norms.
-    del c.eval.pgd
-    l2 = "l2" in options
-    c.eval.pgd_cw = pgd_evaluator(
-        c.attack,
-        objective="cw_clamped",
-        num_steps=40,
-        step_size=2 / 255,
-        init="box_point" if l2 else "uniform",
-        l2_rule="advertorch" if l2 else "ball_then_box",
-    )
-    c.eval.select_by = ("pgd_cw",)
-    c.eval.select_ties = "later"
-    c.test.pgd.step_size = 16 / 255 if l2 else 2 / 255
-    return c
+def load_config_module(path: str):
+    """The Python config file at `path` as a module (a config building on another one)."""
+    name = "config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_config_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
     """`get_config()` (or `get_config(variant)`) of the Python config file at `path`, as
     `--config path[:variant]` would load it."""
-    name = "config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(path)
     return module.get_config() if variant is None else module.get_config(variant)

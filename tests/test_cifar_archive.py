@@ -308,6 +308,7 @@ def test_cli_trains_cifar10_basic_from_an_archive_without_tensorflow(tmp_path):
         "--config.dataset.num_validation=8",
         "--config.model.name=small-cnn",
         *overrides,
+        "--verbosity=0",  # INFO: the "Training ..." line
     ]
     code = (
         "import json, runpy, sys\n"
