@@ -15,6 +15,9 @@ CIFAR10_DDPM = config_lib.load_config_module(
 )
 
 
+OPTIONS = CIFAR10_DDPM.OPTIONS
+
+
 def get_config(variant: str = ""):
     c = CIFAR10_DDPM.get_config(variant)
     c.dataset.name = "cifar100"

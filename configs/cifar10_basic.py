@@ -20,12 +20,12 @@ code selects on the test set.
 from score_jax import config_lib
 
 SPELLING = "<trades|pgd_at>-<divergence>[,clip][,l2]"
+HEADS = config_lib.LOSS_ROWS  # the variant's first item: the row
+OPTIONS = ("clip", "l2")
 
 
 def get_config(variant: str = "trades-se"):
-    row, options = config_lib.parse_variant(
-        variant, ("clip", "l2"), heads=config_lib.LOSS_ROWS, spelling=SPELLING
-    )
+    row, options = config_lib.parse_variant(variant, OPTIONS, heads=HEADS, spelling=SPELLING)
     method, divergence = row.split("-", 1)
     c = config_lib.base_config()  # CIFAR-10, PreAct-ResNet-18, batch 128, 110 epochs, SGD, ...
     c.model.init_scheme = "torch"  # PyTorch's default init, as without_DDPM/preactresnet.py

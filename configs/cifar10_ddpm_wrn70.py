@@ -9,5 +9,8 @@ CIFAR10_DDPM = config_lib.load_config_module(
 )
 
 
+OPTIONS = tuple(o for o in CIFAR10_DDPM.OPTIONS if o != "wrn-70-16")
+
+
 def get_config(variant: str = ""):
     return CIFAR10_DDPM.get_config(",".join(v for v in ("wrn-70-16", variant) if v))

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import shipped
 from cli_helpers import AUTOATTACK_QUICK, run_main
 from test_train import REPO, load_config, tiny_config
 
@@ -173,24 +174,14 @@ def test_variant_of_a_config_without_variants_is_a_config_error():
 
 def _shipped_configs():
     yield "base", config_lib.base_config()
-    for name, variants in [
-        ("digits", [None]),
-        ("cifar10_basic", ["trades-se", "trades-kl", "pgd_at-se,clip", "trades-se,clip,l2"]),
-        ("cifar10_ddpm", ["", "beta3,l2", "wrn-70-16"]),
-        ("cifar100_ddpm", [""]),
-        ("cifar10_ddpm_wrn70", [""]),
-    ]:
-        for variant in variants:
-            yield f"{name}:{variant}", load_config(name, variant)
+    for key, spec in shipped.shipped().items():
+        yield key, shipped.load(*spec)
 
 
 def test_every_field_of_every_shipped_config_has_a_check():
     """A field that validate() never checks is a defect: add a check to
-    config_checks.field_checks() (or list the field in config_checks.FREE_FORM)."""
-    names = set(os.listdir(os.path.join(REPO, "configs")))
-    assert {f"{n.split(':')[0]}.py" for n, _ in _shipped_configs() if n != "base"} == {
-        n for n in names if n.endswith(".py")
-    }  # every shipped config file is walked
+    config_checks.field_checks() (or list the field in config_checks.FREE_FORM). Every variant
+    of every file in configs/ (tests/shipped.py finds them)."""
     for name, config in _shipped_configs():
         unchecked = [
             f for f in config_checks.leaves(config) if not config_checks.is_checked(f, config)

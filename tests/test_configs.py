@@ -21,13 +21,13 @@ import sys
 
 import ml_collections
 import pytest
+import shipped
 
 from score_jax import checkpoint, config_checks, config_lib, evaluate, losses
 from score_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOTS = os.path.join(REPO, "tests", "data", "config_snapshots.json")
-DDPM_OPTIONS = ("beta3", "l2", "wrn-70-16")
 
 
 def _load(name: str, variant: str | None):
@@ -39,16 +39,7 @@ def shipped_configs() -> dict[str, ml_collections.ConfigDict]:
     sys.path.insert(0, REPO)
     from experiments import loss_table
 
-    out = {"digits": _load("digits", None)}
-    for method, divergence in itertools.product(("trades", "pgd_at"), losses.DIVERGENCES):
-        for opts in ((), ("clip",), ("l2",), ("clip", "l2")):
-            variant = ",".join((f"{method}-{divergence}", *opts))
-            out[f"cifar10_basic:{variant}"] = _load("cifar10_basic", variant)
-    for name in ("cifar10_ddpm", "cifar100_ddpm", "cifar10_ddpm_wrn70"):
-        for r in range(len(DDPM_OPTIONS) + 1):
-            for opts in itertools.combinations(DDPM_OPTIONS, r):
-                if name != "cifar10_ddpm_wrn70" or "wrn-70-16" not in opts:
-                    out[f"{name}:{','.join(opts)}"] = _load(name, ",".join(opts))
+    out = {key: shipped.load(*spec) for key, spec in shipped.shipped().items()}
     for row, budget in itertools.product(loss_table.ROWS, ("QUICK", "FULL")):
         config = loss_table.make_config(loss_table.ROWS[row], 1, getattr(loss_table, budget))
         out[f"loss_table:{row}:{budget}"] = config
