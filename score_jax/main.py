@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from score_jax import config_checks, trainer
+from score_jax import config_checks, trainer, workdir_io
 from score_jax.errors import ScoreError
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,14 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_float(
+    "storage_timeout_s",
+    300.0,
+    "gs:// workdirs: a storage call (a checkpoint save, a metrics write) that has not returned "
+    "after this many seconds ends the run with one line naming the path; after a storage error "
+    "or SIGTERM the run has min(30, this) / this many seconds left to exit.",
+    lower_bound=1.0,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -59,6 +67,7 @@ def main(argv: list[str]) -> None:
         jax.process_index(),
         jax.process_count(),
     )
+    workdir_io.arm_storage_watchdog(FLAGS.workdir, FLAGS.storage_timeout_s)
     try:
         if FLAGS.mode in ("export", "autoattack"):
             from score_jax import torch_bridge
@@ -74,7 +83,25 @@ def main(argv: list[str]) -> None:
             run = trainer.train_and_evaluate if FLAGS.mode == "train" else trainer.evaluate_workdir
         run(FLAGS.config, FLAGS.workdir)
     except ScoreError as e:  # bad input: one line; anything else is a bug and keeps its traceback
-        sys.exit("score_jax: error: " + " ".join(str(e).split()))
+        _exit_with_error(" ".join(str(e).split()))
+    except Exception as e:
+        if not (workdir_io.is_remote(FLAGS.workdir) and workdir_io.is_storage_error(e)):
+            raise
+        # The storage failed (a remote workdir): not a bug in score_jax, and its clients would
+        # keep retrying at exit (the watchdog ends the process after its grace period).
+        text = " ".join(str(e).split())[:300]
+        _exit_with_error(
+            f"storage of workdir {FLAGS.workdir} failed ({type(e).__name__}: {text}); the run "
+            "stopped: its last complete checkpoint is kept, run the same command again once the "
+            "storage is back"
+        )
+
+
+def _exit_with_error(line: str) -> None:
+    """Prints `score_jax: error: <line>` and exits 1 (within the storage watchdog's grace)."""
+    workdir_io.shutdown_within_grace("the error")
+    workdir_io.mark_reported()
+    sys.exit("score_jax: error: " + line)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -32,6 +32,7 @@ class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.log = self.tb = None
+        self.tb_dir = workdir_io.join(workdir, "tensorboard")
         if self.enabled:
             self.log = workdir_io.MetricsLog(workdir_io.join(workdir, METRICS_FILE))
             self.tb = workdir_io.summary_writer(workdir_io.join(workdir, "tensorboard"))
@@ -40,9 +41,10 @@ class MetricWriter:
         if not self.enabled:
             return
         self.log.append({"step": step, **scalars})
-        for k, v in scalars.items():
-            self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+        with workdir_io.storage_call(f"writing {self.tb_dir}", self.tb_dir):
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after `step` (written before a crash, to be written again)."""
@@ -57,7 +59,8 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self.log.close()
-            self.tb.close()
+            with workdir_io.storage_call(f"writing {self.tb_dir}", self.tb_dir):
+                self.tb.close()
 
 
 class TrainMetrics:

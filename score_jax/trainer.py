@@ -38,6 +38,7 @@ class PreemptionWatch:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        workdir_io.sigterm_received()  # a remote workdir: bounded by --storage_timeout_s
 
     def reached(self, step: int) -> bool:
         if self.multi:
