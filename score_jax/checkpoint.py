@@ -64,9 +64,10 @@ def corrupt_error(path: str, error: BaseException) -> CheckpointError:
     else:
         text = " ".join(str(error).split())[:160]
         reason = f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {text})"
-    return CheckpointError(
-        f"{reason}; set --config.resume_fallback=True to use the previous checkpoint"
-    )
+    return CheckpointError(reason + FALLBACK_HINT)
+
+
+FALLBACK_HINT = "; set --config.resume_fallback=True to use the previous checkpoint"
 
 
 def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ Flags and dispatch only; everything else lives in the library.
 """
 
 import functools
+import os
 import sys
 
 import jax
@@ -53,6 +54,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+    # A full disk: orbax logs the error with its traceback from each of its threads; the one
+    # line below (`no space left ...`) reports it instead.
+    logging.get_absl_handler().addFilter(_drop_no_space_records)
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Cross-process collectives between CPU devices (accelerators use their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -85,6 +89,12 @@ def main(argv: list[str]) -> None:
     except ScoreError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         _exit_with_error(" ".join(str(e).split()))
     except Exception as e:
+        if workdir_io.is_no_space_error(e):
+            _exit_with_error(
+                f"no space left on the device of workdir {FLAGS.workdir} (a write failed: "
+                f"{_no_space_detail(e)}); free space or use another --workdir: the last "
+                "complete checkpoint is kept, and the same command resumes from it"
+            )
         if not (workdir_io.is_remote(FLAGS.workdir) and workdir_io.is_storage_error(e)):
             raise
         # The storage failed (a remote workdir): not a bug in score_jax, and its clients would
@@ -97,6 +107,27 @@ def main(argv: list[str]) -> None:
         )
 
 
+def _drop_no_space_records(record) -> bool:
+    """logging filter: False (drop) for a record of a full-disk error."""
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage() if isinstance(record.msg, str) else ""
+    return not (
+        (error is not None and workdir_io.is_no_space_error(error))
+        or "No space left on device" in text
+    )
+
+
+def _no_space_detail(error: BaseException) -> str:
+    """The file a full-disk error names (tensorstore: 'Failed writing: "<path>"'), else its type."""
+    import re
+
+    found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(error))
+    if found:
+        return found.group(1)
+    filename = getattr(error, "filename", None)
+    return str(filename) if filename else type(error).__name__
+
+
 def _exit_with_error(line: str) -> None:
     """Prints `score_jax: error: <line>` and exits 1 (within the storage watchdog's grace)."""
     workdir_io.shutdown_within_grace("the error")
@@ -106,6 +137,13 @@ def _exit_with_error(line: str) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, with a bad flag or config override reported in one line."""
+    spec = config_checks.config_arg(argv)
+    path = spec.partition(":")[0] if spec else None
+    if path and not os.path.isfile(path):
+        sys.exit(
+            f"score_jax: error: --config {spec}: no such file {path!r} (relative paths are from "
+            f"{os.getcwd()})"
+        )
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:

@@ -122,11 +122,21 @@ class TrainMetrics:
         newest = (
             "no checkpoint was written" if last is None else f"the newest checkpoint is step {last}"
         )
+        values = (
+            f"(loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}, learning_rate "
+            f"{metrics['learning_rate']:.4g})"
+        )
+        if step == 0 and not (flags.get("finite_loss", 1) and flags.get("finite_grad_norm", 1)):
+            # The loss and gradient are those of the initial weights: no learning rate acted yet.
+            raise DivergedError(
+                f"training diverged at step 1: non-finite {', '.join(bad)} {values} at the "
+                "initial weights, before any update (so not the learning rate); check "
+                "config.init_from's weights, the data and config.model.dtype"
+            )
         raise DivergedError(
-            f"training diverged at step {step + 1}: non-finite {', '.join(bad)} (loss "
-            f"{metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}, learning_rate "
-            f"{metrics['learning_rate']:.4g}); the step was discarded; {newest}; lower "
-            "config.optim.learning_rate or set config.optim.grad_clip_norm"
+            f"training diverged at step {step + 1}: non-finite {', '.join(bad)} {values}; the "
+            f"step was discarded; {newest}; lower config.optim.learning_rate or set "
+            "config.optim.grad_clip_norm"
         )
 
     def _log(self, done: int) -> None:

@@ -26,6 +26,7 @@ What an object store lacks, and what this module does instead:
 """
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -202,6 +203,21 @@ def _guarded(verb: str) -> Callable:
     return decorate
 
 
+def is_no_space_error(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota: an OSError ENOSPC / EDQUOT,
+    or tensorstore's RESOURCE_EXHAUSTED naming one (orbax raises it as a ValueError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def is_remote(path: PathLike) -> bool:
     """Whether `path` has a scheme (`gs://...`), i.e. is not on the local file system."""
     return bool(_SCHEME.match(os.fspath(path)))
@@ -256,8 +272,22 @@ def makedirs(path: PathLike) -> epath.Path:
     """Creates the directory `path` and its parents (remote: nothing to do, GCS has no
     directories); returns it."""
     p = as_path(path)
-    p.mkdir(parents=True, exist_ok=True)
+    if not is_remote(p):  # remote: not even a call (gcsfs's mkdir would create a missing bucket)
+        p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def bucket(path: PathLike) -> str:
+    """The bucket of a remote path: gs://bucket/run -> gs://bucket."""
+    scheme, _, rest = os.fspath(as_path(path)).partition("://")
+    return f"{scheme}://{rest.split('/')[0]}"
+
+
+@_guarded("checking the bucket of")
+def bucket_exists(path: PathLike) -> bool:
+    """Whether the bucket of the remote `path` exists."""
+    _fs(path).invalidate_cache()
+    return bool(_fs(path).exists(bucket(path)))
 
 
 @_guarded("deleting")
