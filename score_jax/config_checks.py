@@ -335,13 +335,14 @@ def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
     if config.dataset.name == "digits":
         from score_jax.data import digits
 
+        num_validation = config.dataset.get("num_validation", digits.NUM_VALIDATION)
         _require(
-            config.dataset.num_validation == digits.NUM_VALIDATION,
-            f"config.dataset.num_validation={config.dataset.num_validation!r}: digits has a fixed "
+            num_validation == digits.NUM_VALIDATION,
+            f"config.dataset.num_validation={num_validation!r}: digits has a fixed "
             f"split ({info.num_train} train / {digits.NUM_VALIDATION} validation / "
             f"{digits.NUM_TEST} test); set {digits.NUM_VALIDATION}",
         )
-    real = config.dataset.real_fraction
+    real = config.dataset.get("real_fraction", 1.0)
     num_real = config.batch_size if real == 1.0 else int(round(config.batch_size * real))
     _require(
         num_real <= info.num_train,
