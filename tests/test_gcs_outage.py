@@ -21,8 +21,8 @@ from gcs_emulator import GcsEmulator, client_env
 
 TIMEOUT_S = 5  # --storage_timeout_s of these runs (the default is 300)
 # The bound: the watchdog fires TIMEOUT_S after the hung call started (polling every 0.2 s);
-# 3 s for the loaded 2-core machine.
-BOUND_S = TIMEOUT_S + 3
+# 5 s for the loaded 2-core machine (the clients alone retry for minutes).
+BOUND_S = TIMEOUT_S + 5
 WORKDIR = "gs://bucket/run"
 
 
@@ -38,7 +38,8 @@ def _committed(emulator: GcsEmulator) -> list[int]:
         names = _objects(emulator, "run/checkpoints/")
     except OSError:
         return []
-    return sorted({int(n.split("/")[2]) for n in names if n.endswith("/commit_success.txt")})
+    parts = [n.split("/") for n in names]  # run/checkpoints/<step>/commit_success.txt
+    return sorted(int(p[2]) for p in parts if len(p) == 4 and p[3] == "commit_success.txt")
 
 
 def _start(emulator: GcsEmulator, log: str) -> subprocess.Popen:
@@ -54,8 +55,9 @@ def _start(emulator: GcsEmulator, log: str) -> subprocess.Popen:
 def _wait_for(proc: subprocess.Popen, log: str, done, what: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
-        assert proc.poll() is None, open(log).read()[-3000:]
-        assert time.monotonic() < deadline, f"{what}: not in time; {open(log).read()[-3000:]}"
+        text = open(log).read()
+        assert proc.poll() is None, text[-3000:]
+        assert time.monotonic() < deadline, f"{what}: not in time; {text[:2000]} ... {text[-1000:]}"
         time.sleep(0.1)
 
 
@@ -85,7 +87,7 @@ def test_storage_outage_ends_the_run_and_a_later_run_resumes(tmp_path):
         emulator.kill()  # the outage: every request is refused from now on
         line = _ends_within_the_bound(run, log_a)
         assert f"storage of workdir {WORKDIR} did not answer within {TIMEOUT_S} s" in line
-        assert re.search(rf"while \w+ {WORKDIR}/", line), line  # names the path it waited for
+        assert re.search(rf"while [a-z ]+ {WORKDIR}\b", line), line  # the call's path
         assert "last complete checkpoint is kept" in line
 
         emulator.start(set_env=False)  # the storage is back, with what it held
