@@ -5,6 +5,7 @@ Flags and dispatch only; everything else lives in the library.
 
 import functools
 import os
+import re
 import sys
 
 import jax
@@ -119,8 +120,6 @@ def _drop_no_space_records(record) -> bool:
 
 def _no_space_detail(error: BaseException) -> str:
     """The file a full-disk error names (tensorstore: 'Failed writing: "<path>"'), else its type."""
-    import re
-
     found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(error))
     if found:
         return found.group(1)

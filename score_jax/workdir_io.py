@@ -63,7 +63,8 @@ class StorageWatchdog:
         self.workdir = workdir
         self.timeout_s = float(timeout_s)
         self.grace_s = min(float(grace_s), self.timeout_s)
-        self._lock = threading.Lock()
+        # Reentrant: the SIGTERM handler (sigterm_received) may run while the main thread holds it.
+        self._lock = threading.RLock()
         self._depth = 0
         self._what = ""
         self._deadline: float | None = None
