@@ -16,6 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import pytest
 from cli_helpers import OVERRIDES, REPO
 from gcs_emulator import GcsEmulator, client_env
 
@@ -77,6 +78,7 @@ def _ends_within_the_bound(proc: subprocess.Popen, log: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_storage_outage_ends_the_run_and_a_later_run_resumes(tmp_path):
     emulator = GcsEmulator(root=str(tmp_path / "objects")).start(set_env=False)
     procs = []
