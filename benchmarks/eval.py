@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.data == "digits":
         config.dataset.name = "digits"
+        config.dataset.num_validation = 180  # digits' fixed split (checked by validate)
         config.augment.flip = False
         dataset = data.get_dataset(config.dataset)
     else:

@@ -72,9 +72,10 @@ def corrupt_error(path: str, error: BaseException) -> CheckpointError:
     else:
         text = " ".join(str(error).split())[:160]
         reason = f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {text})"
-    return CheckpointError(
-        f"{reason}; set --config.resume_fallback=True to use the previous checkpoint"
-    )
+    return CheckpointError(reason + FALLBACK_HINT)
+
+
+FALLBACK_HINT = "; set --config.resume_fallback=True to use the previous checkpoint"
 
 
 def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -149,20 +150,30 @@ class Checkpointer:
                 item_names=("state", "meta"),
             )
 
-        self.last = manager("checkpoints", keep)
-        self.best = manager("best", 1)
+        self.workdir = workdir
+        with self._io("opening the checkpoints in"):
+            self.last = manager("checkpoints", keep)
+            self.best = manager("best", 1)
+
+    def _io(self, what: str, step: int | None = None, best: bool = False):
+        """A workdir_io.storage_call (bounded by the storage watchdog of a remote workdir)."""
+        where = self.workdir if step is None else self.step_dir(step, best)
+        return workdir_io.storage_call(f"{what} {where}", self.workdir)
 
     def all_steps(self) -> list[int]:
-        return sorted(self.last.all_steps())
+        with self._io("listing the checkpoints in"):
+            return sorted(self.last.all_steps())
 
     def step_dir(self, step: int, best: bool = False) -> str:
         return os.path.join(str((self.best if best else self.last).directory), str(step))
 
     def delete(self, step: int) -> None:
-        self.last.delete(step)
+        with self._io("deleting checkpoint", step):
+            self.last.delete(step)
 
     def latest_step(self, best: bool = False) -> int | None:
-        return (self.best if best else self.last).latest_step()
+        with self._io("listing the checkpoints in"):
+            return (self.best if best else self.last).latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
         """Saves (asynchronously) the state and meta (with the state's checksums) at `step`."""
@@ -170,17 +181,22 @@ class Checkpointer:
         if step in manager.all_steps():
             return
         meta = {**meta, "checksums": checksums(state)}
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        # Waits for the previous save to be written, then starts this one (in the background).
+        with self._io("saving checkpoint", step, best):
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
 
     def restore_meta(self, step: int | None = None, best: bool = False) -> dict[str, Any]:
         manager = self.best if best else self.last
-        step = manager.latest_step() if step is None else step
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with self._io("reading checkpoint", step, best):
+            step = manager.latest_step() if step is None else step
+            return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
 
     def restore(
         self, template: Any, step: int | None = None, best: bool = False
@@ -191,14 +207,15 @@ class Checkpointer:
         (checkpoints written before checksums were recorded are restored unverified).
         """
         manager = self.best if best else self.last
-        step = manager.latest_step() if step is None else step
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
+        with self._io("restoring checkpoint", step, best):
+            step = manager.latest_step() if step is None else step
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
         state, meta = restored["state"], restored["meta"]
         if "checksums" in meta:
             verify_checksums(state, meta["checksums"], self.step_dir(step, best))
@@ -236,9 +253,11 @@ class Checkpointer:
         )
 
     def wait(self) -> None:
-        self.last.wait_until_finished()
-        self.best.wait_until_finished()
+        with self._io("writing the pending checkpoints in"):
+            self.last.wait_until_finished()
+            self.best.wait_until_finished()
 
     def close(self) -> None:
-        self.last.close()
-        self.best.close()
+        with self._io("closing the checkpoints in"):
+            self.last.close()
+            self.best.close()

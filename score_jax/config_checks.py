@@ -144,7 +144,11 @@ def field_checks() -> dict[str, Check]:
     from score_jax.models import ACTIVATIONS, CONV_IMPLS, INIT_SCHEMES, MODEL_NAMES
 
     return {
-        "seed": _integer(0),
+        "seed": (
+            lambda v: _is_int(v) and 0 <= v <= MAX_SEED,
+            f"an integer in [0, {MAX_SEED}] (JAX keys take 32 bits without jax_enable_x64: a "
+            "larger seed collides with a smaller one or overflows; the evaluation key is seed + 1)",
+        ),
         "batch_size": _integer(1),
         "eval_batch_size": _integer(1),
         "num_epochs": _real(0.0),
@@ -216,6 +220,8 @@ def field_checks() -> dict[str, Check]:
     }
 
 
+MAX_SEED = 2**32 - 2  # seed and seed + 1 (the evaluation key) fit a 32-bit JAX key
+
 # Fields that take any value (none today: even paths are type-checked).
 FREE_FORM: tuple[str, ...] = ()
 
@@ -283,6 +289,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         f"(num_steps={config.attack.num_steps})",
     )
     _check_evaluators(config)
+    _check_against_the_dataset(config)
     o = config.optim
     _require(
         not o.cycle_momentum or o.schedule == "one_cycle",
@@ -305,6 +312,45 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     )
     # real_fraction < 1 needing config.dataset.ddpm_path is checked when the data loads (the
     # DDPM configs ship without the path, which each user sets).
+
+
+def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
+    """The radii against the image box (images are in [0, 1]: a Linf radius of 1, an L2 radius
+    of sqrt(H * W * C), already reaches every image), num_validation and batch_size against the
+    splits (from the dataset's constants: nothing is read)."""
+    from score_jax import data, evaluate
+
+    info = data.dataset_info(config.dataset)
+    dim = int(np.prod(info.image_shape))
+    radii = [("config.attack", config.attack)]
+    for section in ("eval", "test"):
+        specs = evaluate.evaluator_specs(config[section]).items()
+        radii += [(f"config.{section}.{name}", e) for name, e in specs if "eps" in e]
+    for f, e in radii:
+        limit, why = (1.0, "1") if e.norm == "linf" else (math.sqrt(dim), f"sqrt({dim})")
+        _require(
+            e.eps <= limit,
+            f"{f}.eps={e.eps!r} must be <= {why} for norm {e.norm!r}: images are in [0, 1], so "
+            "a larger radius reaches every image (eps is on the [0, 1] scale: 8/255, not 8)",
+        )
+    if config.dataset.name == "digits":
+        from score_jax.data import digits
+
+        num_validation = config.dataset.get("num_validation", digits.NUM_VALIDATION)
+        _require(
+            num_validation == digits.NUM_VALIDATION,
+            f"config.dataset.num_validation={num_validation!r}: digits has a fixed "
+            f"split ({info.num_train} train / {digits.NUM_VALIDATION} validation / "
+            f"{digits.NUM_TEST} test); set {digits.NUM_VALIDATION}",
+        )
+    real = config.dataset.get("real_fraction", 1.0)
+    num_real = config.batch_size if real == 1.0 else int(round(config.batch_size * real))
+    _require(
+        num_real <= info.num_train,
+        f"config.batch_size={config.batch_size} takes {num_real} real images per step, more than "
+        f"the {info.num_train} of the {info.name} training split (every step would repeat "
+        f"images); use at most {info.num_train}",
+    )
 
 
 def _check_evaluators(config: ml_collections.ConfigDict) -> None:
@@ -361,7 +407,7 @@ def _check_evaluators(config: ml_collections.ConfigDict) -> None:
 # --- One line for a bad --config flag (main.parse_flags) -------------------------------------
 
 
-def _config_arg(argv: list[str]) -> str | None:
+def config_arg(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             return arg.removeprefix("--config=")
@@ -373,7 +419,7 @@ def _config_arg(argv: list[str]) -> str | None:
 def explain_flag_error(argv: list[str], error: Exception) -> str:
     """One line for a flag error: a variant the config file does not take, an override of a
     field the config does not have, else the error's last line (not an embedded traceback)."""
-    spec = _config_arg(argv)
+    spec = config_arg(argv)
     if spec:
         path, _, variant = spec.partition(":")
         try:

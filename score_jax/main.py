@@ -4,13 +4,15 @@ Flags and dispatch only; everything else lives in the library.
 """
 
 import functools
+import os
+import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from score_jax import config_checks, trainer
+from score_jax import config_checks, trainer, workdir_io
 from score_jax.errors import ScoreError
 
 FLAGS = flags.FLAGS
@@ -37,6 +39,14 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_float(
+    "storage_timeout_s",
+    300.0,
+    "gs:// workdirs: a storage call (a checkpoint save, a metrics write) that has not returned "
+    "after this many seconds ends the run with one line naming the path; after a storage error "
+    "or SIGTERM the run has min(30, this) / this many seconds left to exit.",
+    lower_bound=1.0,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,6 +55,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+    # A full disk: orbax logs the error with its traceback from each of its threads; the one
+    # line below (`no space left ...`) reports it instead.
+    logging.get_absl_handler().addFilter(_drop_no_space_records)
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Cross-process collectives between CPU devices (accelerators use their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -59,6 +72,7 @@ def main(argv: list[str]) -> None:
         jax.process_index(),
         jax.process_count(),
     )
+    workdir_io.arm_storage_watchdog(FLAGS.workdir, FLAGS.storage_timeout_s)
     try:
         if FLAGS.mode in ("export", "autoattack"):
             from score_jax import torch_bridge
@@ -74,11 +88,61 @@ def main(argv: list[str]) -> None:
             run = trainer.train_and_evaluate if FLAGS.mode == "train" else trainer.evaluate_workdir
         run(FLAGS.config, FLAGS.workdir)
     except ScoreError as e:  # bad input: one line; anything else is a bug and keeps its traceback
-        sys.exit("score_jax: error: " + " ".join(str(e).split()))
+        _exit_with_error(" ".join(str(e).split()))
+    except Exception as e:
+        if workdir_io.is_no_space_error(e):
+            _exit_with_error(
+                f"no space left on the device of workdir {FLAGS.workdir} (a write failed: "
+                f"{_no_space_detail(e)}); free space or use another --workdir: the last "
+                "complete checkpoint is kept, and the same command resumes from it"
+            )
+        if not (workdir_io.is_remote(FLAGS.workdir) and workdir_io.is_storage_error(e)):
+            raise
+        # The storage failed (a remote workdir): not a bug in score_jax, and its clients would
+        # keep retrying at exit (the watchdog ends the process after its grace period).
+        text = " ".join(str(e).split())[:300]
+        _exit_with_error(
+            f"storage of workdir {FLAGS.workdir} failed ({type(e).__name__}: {text}); the run "
+            "stopped: its last complete checkpoint is kept, run the same command again once the "
+            "storage is back"
+        )
+
+
+def _drop_no_space_records(record) -> bool:
+    """logging filter: False (drop) for a record of a full-disk error."""
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage() if isinstance(record.msg, str) else ""
+    return not (
+        (error is not None and workdir_io.is_no_space_error(error))
+        or "No space left on device" in text
+    )
+
+
+def _no_space_detail(error: BaseException) -> str:
+    """The file a full-disk error names (tensorstore: 'Failed writing: "<path>"'), else its type."""
+    found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(error))
+    if found:
+        return found.group(1)
+    filename = getattr(error, "filename", None)
+    return str(filename) if filename else type(error).__name__
+
+
+def _exit_with_error(line: str) -> None:
+    """Prints `score_jax: error: <line>` and exits 1 (within the storage watchdog's grace)."""
+    workdir_io.shutdown_within_grace("the error")
+    workdir_io.mark_reported()
+    sys.exit("score_jax: error: " + line)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, with a bad flag or config override reported in one line."""
+    spec = config_checks.config_arg(argv)
+    path = spec.partition(":")[0] if spec else None
+    if path and not os.path.isfile(path):
+        sys.exit(
+            f"score_jax: error: --config {spec}: no such file {path!r} (relative paths are from "
+            f"{os.getcwd()})"
+        )
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:

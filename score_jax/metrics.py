@@ -32,6 +32,7 @@ class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.log = self.tb = None
+        self.tb_dir = workdir_io.join(workdir, "tensorboard")
         if self.enabled:
             self.log = workdir_io.MetricsLog(workdir_io.join(workdir, METRICS_FILE))
             self.tb = workdir_io.summary_writer(workdir_io.join(workdir, "tensorboard"))
@@ -40,9 +41,10 @@ class MetricWriter:
         if not self.enabled:
             return
         self.log.append({"step": step, **scalars})
-        for k, v in scalars.items():
-            self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+        with workdir_io.storage_call(f"writing {self.tb_dir}", self.tb_dir):
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """Drops lines logged after `step` (written before a crash, to be written again)."""
@@ -57,7 +59,8 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self.log.close()
-            self.tb.close()
+            with workdir_io.storage_call(f"writing {self.tb_dir}", self.tb_dir):
+                self.tb.close()
 
 
 class TrainMetrics:
@@ -119,11 +122,21 @@ class TrainMetrics:
         newest = (
             "no checkpoint was written" if last is None else f"the newest checkpoint is step {last}"
         )
+        values = (
+            f"(loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}, learning_rate "
+            f"{metrics['learning_rate']:.4g})"
+        )
+        if step == 0 and not (flags.get("finite_loss", 1) and flags.get("finite_grad_norm", 1)):
+            # The loss and gradient are those of the initial weights: no learning rate acted yet.
+            raise DivergedError(
+                f"training diverged at step 1: non-finite {', '.join(bad)} {values} at the "
+                "initial weights, before any update (so not the learning rate); check "
+                "config.init_from's weights, the data and config.model.dtype"
+            )
         raise DivergedError(
-            f"training diverged at step {step + 1}: non-finite {', '.join(bad)} (loss "
-            f"{metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}, learning_rate "
-            f"{metrics['learning_rate']:.4g}); the step was discarded; {newest}; lower "
-            "config.optim.learning_rate or set config.optim.grad_clip_norm"
+            f"training diverged at step {step + 1}: non-finite {', '.join(bad)} {values}; the "
+            f"step was discarded; {newest}; lower config.optim.learning_rate or set "
+            "config.optim.grad_clip_norm"
         )
 
     def _log(self, done: int) -> None:

@@ -82,8 +82,10 @@ def _is_number(v: Any) -> bool:
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except OSError as e:
@@ -93,11 +95,15 @@ def _read_json(path: str) -> Any:
 def _read_metrics(path: str) -> list[dict[str, Any]]:
     rows = []
     try:
-        f = open(path)
+        f = open(path, "rb")  # bytes: a binary-corrupt line is reported like a text-corrupt one
     except OSError as e:
         raise DataError(f"{path}: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({raw[:20]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -158,7 +164,9 @@ def load_run(workdir: str) -> Run:
         path = os.path.join(workdir, name)
         if os.path.exists(path):
             tree = _read_json(path)
-            flat = flatten(tree) if isinstance(tree, dict) else {}
+            if not isinstance(tree, dict):
+                raise DataError(f"{path}: expected a JSON object, got a {type(tree).__name__}")
+            flat = flatten(tree)
             results.update({column_prefix + k: v for k, v in flat.items() if _is_number(v)})
     metrics_path = os.path.join(workdir, METRICS_FILE)
     metrics = _read_metrics(metrics_path) if os.path.exists(metrics_path) else []

@@ -38,6 +38,7 @@ class PreemptionWatch:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        workdir_io.sigterm_received()  # a remote workdir: bounded by --storage_timeout_s
 
     def reached(self, step: int) -> bool:
         if self.multi:
@@ -59,6 +60,16 @@ def _check_writable(workdir: str) -> None:
         workdir_io.write_text_atomic(probe, "ok")
         workdir_io.remove(probe)
     except OSError as e:
+        if (
+            isinstance(e, FileNotFoundError)
+            and workdir_io.is_remote(workdir)
+            and not workdir_io.bucket_exists(workdir)
+        ):
+            name = workdir_io.bucket(workdir)
+            raise WorkdirError(
+                f"workdir {workdir!r}: the bucket {name} does not exist (create it with "
+                f"`gcloud storage buckets create {name}`, or correct --workdir)"
+            ) from None
         raise WorkdirError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
 
 
@@ -99,7 +110,8 @@ def _restore_or_init(
     if not steps:
         return setup.start_state(), {}
     state = setup.initial_state()
-    for i, step in enumerate(reversed(steps)):
+    corrupt: list[int] = []  # deleted only once an older checkpoint restored
+    for step in reversed(steps):
         try:
             meta = ckpt.restore_meta(step)
             mismatch = checkpoint.fingerprint_mismatch(
@@ -111,8 +123,15 @@ def _restore_or_init(
             error = checkpoint.corrupt_error(ckpt.step_dir(step), e)
             if not setup.config.resume_fallback:
                 raise error from None
-            logging.warning("Deleting a corrupt checkpoint: %s", error)
-            ckpt.delete(step)
+            if step == steps[0]:  # nothing older to fall back to: refuse, delete nothing
+                raise CheckpointError(
+                    f"{str(error).removesuffix(checkpoint.FALLBACK_HINT)}; "
+                    f"config.resume_fallback=True found no older checkpoint that restores "
+                    f"(tried steps {[*corrupt, step]}); nothing was deleted: move the workdir "
+                    "away to start again, or restore it from a backup"
+                ) from None
+            logging.warning("Skipping a corrupt checkpoint: %s", error)
+            corrupt.append(step)
             continue
         if mismatch and not setup.config.resume_ignore_mismatch:
             raise CheckpointError(
@@ -120,7 +139,10 @@ def _restore_or_init(
                 f"config (differs in {', '.join(mismatch[:5])}); use another --workdir or set "
                 "--config.resume_ignore_mismatch=True"
             )
-        if i:
+        for bad in corrupt:  # newer than the one restored: training writes them again
+            logging.warning("Deleting the corrupt checkpoint %s", ckpt.step_dir(bad))
+            ckpt.delete(bad)
+        if corrupt:
             logging.warning("Resumed from step %d, an older checkpoint", step)
         return restored, meta
     raise CheckpointError(f"no checkpoint in {setup.workdir!r} could be restored")

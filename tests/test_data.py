@@ -204,6 +204,17 @@ _GOOD_IMAGE, _GOOD_LABEL = _generated()
         ({"image": _GOOD_IMAGE, "label": _GOOD_LABEL[:5]}, r"'label' has shape \(5,\)"),
         ({"image": _GOOD_IMAGE, "label": _GOOD_LABEL + 1}, r"'label' has values in \[1, 10\]"),
         ({"image": _GOOD_IMAGE, "label": _GOOD_LABEL - 1}, r"'label' has values in \[-1, 8\]"),
+        (
+            {
+                "image": np.array([_GOOD_IMAGE[i] for i in range(12)] + [None], object)[:12],
+                "label": _GOOD_LABEL,
+            },
+            r"field 'image': has dtype object \(pickled",
+        ),
+        (
+            {"image": _GOOD_IMAGE, "label": np.array(list(_GOOD_LABEL), object)},
+            r"field 'label': has dtype object \(pickled",
+        ),
     ],
 )
 def test_load_generated_bad(tmp_path, arrays, match):

@@ -349,3 +349,15 @@ def test_checkpointer_on_gcs(gcs_bucket, tmp_path, monkeypatch):
     assert checkpoint.exists(workdir) and not checkpoint.exists(f"{gcs_bucket}/nothing-here")
     assert {n.split("/")[0] for n in raw_names(workdir)} == {"checkpoints", "best"}
     assert ckpt.step_dir(3) == f"{workdir}/checkpoints/3"
+
+
+def test_a_missing_bucket_is_named(gcs_bucket):
+    """A workdir in a bucket that does not exist: one line saying so (not an upload URL), and no
+    bucket is created by the attempt."""
+    from score_jax import trainer
+
+    missing = f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(WorkdirError, match=rf"the bucket {missing} does not exist") as info:
+        trainer._check_writable(f"{missing}/run")
+    assert "\n" not in str(info.value) and "upload" not in str(info.value)
+    assert not workdir_io.bucket_exists(f"{missing}/run")

@@ -175,7 +175,25 @@ DAMAGES = {
     "no config.json": (lambda d: _remove(d, "config.json"), "config.json: missing"),
     "corrupt results.json": (lambda d: _append(d, "results.json", "}"), "results.json: not valid"),
     "corrupt metrics line": (lambda d: _append(d, "metrics.jsonl", "{oops\n"), "metrics.jsonl:37:"),
+    "binary metrics line": (
+        lambda d: _append_bytes(d, "metrics.jsonl", b"\x00\xff\n"),
+        "metrics.jsonl:37: not UTF-8 text",
+    ),
+    "results.json not a dict": (
+        lambda d: _write(d, "results.json", "[0.5, 0.25]"),
+        "results.json: expected a JSON object, got a list",
+    ),
 }
+
+
+def _append_bytes(workdir: str, name: str, data: bytes) -> None:
+    with open(os.path.join(workdir, name), "ab") as f:
+        f.write(data)
+
+
+def _write(workdir: str, name: str, text: str) -> None:
+    with open(os.path.join(workdir, name), "w") as f:
+        f.write(text)
 
 
 @pytest.mark.parametrize("case", list(DAMAGES))

@@ -267,3 +267,26 @@ def test_init_from_evaluates_and_starts_from_a_released_checkpoint(tmp_path):
         np.asarray(state.batch_stats["batchnorm_1"]["var"]),
         expected["batchnorm_1.running_var"].numpy(),
     )
+
+
+def test_non_finite_or_impossible_weights_are_refused_naming_the_tensor(
+    tmp_path, wrn_state, wrn_template
+):
+    """One NaN weight, an inf bias, a running variance of -1: each made --mode eval report
+    made-up accuracies; now each is refused on load, naming the tensor."""
+    nan = {k: v.clone() for k, v in wrn_state.items()}
+    nan["init_conv.weight"][0, 0, 0, 0] = float("nan")
+    inf = dict(wrn_state, **{"logits.bias": torch.full((10,), float("inf"))})
+    var = {k: v.clone() for k, v in wrn_state.items()}
+    var["layer.0.block.0.batchnorm_0.running_var"][3] = -1.0
+    cases = {
+        "nan.pt": (nan, "'init_conv.weight' holds 1 non-finite value(s) (NaN)"),
+        "inf.pt": ({"state_dict": inf}, "'logits.bias' holds 10 non-finite value(s) (inf)"),
+        "var.pt": (var, "'layer.0.block.0.batchnorm_0.running_var' (a BatchNorm running "
+                   "variance) holds 1 negative value(s) (min -1)"),
+    }  # fmt: skip
+    for name, (obj, expected) in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            load_variables(_save(tmp_path, name, obj), "wrn-16-2", wrn_template)
+        message = str(err.value)
+        assert name in message and expected in message and "\n" not in message, message

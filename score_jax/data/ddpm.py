@@ -62,6 +62,11 @@ class _Member:
             self.shape, self.fortran_order, self.dtype = _read_npy_header(fp)
             self.header_size = fp.tell()
         self.stored = self.info.compress_type == zipfile.ZIP_STORED
+        if self.dtype.hasobject:
+            raise DataError(
+                "has dtype object (pickled Python objects, expected numeric arrays); refused "
+                "without unpickling it"
+            )
         expected = self.header_size + int(np.prod(self.shape)) * self.dtype.itemsize
         if self.stored and expected != self.info.file_size:
             raise DataError(

@@ -68,6 +68,27 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return unwrap_state_dict(obj, where)
 
 
+def check_values(state: dict[str, np.ndarray], where: str) -> None:
+    """CheckpointError naming the first tensor (in key order) that holds a NaN or an infinity, or
+    the first BatchNorm `running_var` with a negative entry (a variance is >= 0): such weights
+    evaluate to made-up accuracies and cannot be trained from."""
+    for key in sorted(state):
+        value = state[key]
+        bad = ~np.isfinite(value)
+        if bad.any():
+            kinds = sorted({"NaN" if np.isnan(v) else f"{v}" for v in value[bad][:1000].tolist()})
+            raise CheckpointError(
+                f"{where}: tensor {key!r} holds {int(bad.sum())} non-finite value(s) "
+                f"({', '.join(kinds)}) of {value.size}; the file is corrupt or the model diverged"
+            )
+        if key.endswith("running_var") and (value < 0).any():
+            raise CheckpointError(
+                f"{where}: tensor {key!r} (a BatchNorm running variance) holds "
+                f"{int((value < 0).sum())} negative value(s) (min {float(value.min()):.4g}); a "
+                "variance is >= 0, so the file is corrupt"
+            )
+
+
 def load_variables(
     path: str,
     model_name: str,
@@ -78,7 +99,8 @@ def load_variables(
     """Flax {"params", "batch_stats"} shaped like `template` from the released file at `path`.
 
     `mean` / `std`: the Flax model's normalisation, compared with the file's `mean` / `std`
-    entries when it has them. Errors name the file and the offending key in one line.
+    entries when it has them. Every tensor must be finite and every BatchNorm running variance
+    >= 0 (`check_values`). Errors name the file and the offending key in one line.
     """
     where = f"PyTorch checkpoint {path!r}"
     state = read_state_dict(path)
@@ -91,6 +113,7 @@ def load_variables(
                     f"{where}: its {key!r} {np.round(got, 4).tolist()} differs from the model's "
                     f"{list(expected)} (config.dataset / config.model.{key})"
                 )
+    check_values(state, where)
     tensors = {k: torch.from_numpy(v) for k, v in state.items()}
     try:
         return import_state_dict(model_name, tensors, template)
