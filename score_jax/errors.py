@@ -28,3 +28,10 @@ class WorkdirError(ScoreError):
 
 class DivergedError(ScoreError):
     """Training diverged: a step's loss, gradient or updated state is not finite."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`e`'s message on one line (whitespace collapsed, at most `limit` characters), or its type's
+    name if it has none: the cause inside a one-line error."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -43,7 +43,7 @@ from typing import Any
 
 from etils import epath
 
-from score_jax.errors import ScoreError, WorkdirError
+from score_jax.errors import ScoreError, WorkdirError, one_line
 
 PathLike = str | os.PathLike
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -334,11 +334,6 @@ def write_json_atomic(path: PathLike, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def open_read(path: PathLike, mode: str = "rb"):
     """The file at `path` opened for reading (e.g. for `torch.load`), seen afresh if remote."""
     return _fresh(path).open(mode)
@@ -353,7 +348,7 @@ def read_text(path: PathLike, error: type[ScoreError] = ScoreError) -> str:
     except FileNotFoundError:
         raise error(f"{p} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise error(f"cannot read {p}: {_one_line(e)}") from None
+        raise error(f"cannot read {p}: {one_line(e)}") from None
 
 
 def read_json(path: PathLike, error: type[ScoreError] = ScoreError) -> Any:
@@ -362,7 +357,7 @@ def read_json(path: PathLike, error: type[ScoreError] = ScoreError) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{as_path(path)} is not valid JSON: {_one_line(e)}") from None
+        raise error(f"{as_path(path)} is not valid JSON: {one_line(e)}") from None
 
 
 def copy_local_file_to(src: PathLike, dest: PathLike) -> None:
@@ -617,7 +612,7 @@ class ObjectLock:
                 raise
             from absl import logging
 
-            logging.warning("Could not delete the lock object %s: %s", self.path, _one_line(e))
+            logging.warning("Could not delete the lock object %s: %s", self.path, one_line(e))
 
 
 def _describe(owner: dict[str, Any]) -> str:

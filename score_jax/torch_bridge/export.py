@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from score_jax import checkpoint, models, workdir_io
-from score_jax.errors import CheckpointError, ConfigError
+from score_jax.errors import CheckpointError, ConfigError, one_line
 from score_jax.torch_bridge.convert import export_state_dict
 from score_jax.torch_bridge.models import build_torch_model
 
@@ -121,13 +121,8 @@ def read_meta(directory: str) -> dict[str, Any]:
         if missing:
             raise KeyError(f"no {', '.join(missing)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot read export metadata {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot read export metadata {path}: {one_line(e)}") from None
     return meta
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def load_exported(directory: str) -> nn.Module:
@@ -159,13 +154,13 @@ def load_exported(directory: str) -> nn.Module:
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a state dict")
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"cannot load exported model {path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot load exported model {path}: {one_line(e)}") from None
     try:
         model = build_torch_model(meta["architecture"], int(meta["num_classes"]), **meta["kwargs"])
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(
             f"exported model {path} does not match {os.path.join(directory, META_FILE)}: "
-            f"{_one_line(e)}"
+            f"{one_line(e)}"
         ) from None
     return model.eval()

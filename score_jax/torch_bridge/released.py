@@ -14,17 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from score_jax.errors import CheckpointError
+from score_jax.errors import CheckpointError, one_line
 from score_jax.torch_bridge.convert import import_state_dict
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 PREFIXES = ("module.", "_orig_mod.")
 NORMALISATION_KEYS = ("mean", "std")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def unwrap_state_dict(obj: Any, where: str) -> dict[str, np.ndarray]:
@@ -64,7 +59,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"{where}: cannot be loaded ({_one_line(e)})") from None
+        raise CheckpointError(f"{where}: cannot be loaded ({one_line(e)})") from None
     return unwrap_state_dict(obj, where)
 
 
@@ -118,4 +113,4 @@ def load_variables(
     try:
         return import_state_dict(model_name, tensors, template)
     except ValueError as e:
-        raise CheckpointError(f"{where} does not fit {model_name}: {_one_line(e)}") from None
+        raise CheckpointError(f"{where} does not fit {model_name}: {one_line(e)}") from None
