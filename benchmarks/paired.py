@@ -8,6 +8,18 @@ every round sees the same machine load, so the per-round ratios stay meaningful 
 machine where the load drifts. A variant `<conv>+ynn-conv` compiles with jaxlib's default
 YNNPACK fusions, convolutions included (`JAXLIB_YNN_FUSIONS`), instead of the steps' own
 `xla_options.compiler_options()`.
+
+`--torch-variants` (default `eager`) names the PyTorch setups timed in the same rounds, each a
+`+`-joined set of `eager` (the reference: NCHW, no compilation), `channels_last` (NHWC memory
+layout), `compile` (`torch.compile` of the model, backend `--torch-compile-backend`), `bf16` /
+`fp32` (autocast to bfloat16 or none, overriding `--dtype`):
+
+    python -m benchmarks.train_step --model wrn-28-10 --batch 512 --dtype bfloat16 --paired xla \
+        --torch-variants eager,channels_last,compile,compile+channels_last --json paired.json
+
+`eager` is named `torch` in the JSON, every other one `torch:<variant>`; `ratio_jax_over_torch`
+is against the first, `ratio_jax_over_torch_variants` against each. A compiled variant's first
+call (its compilation, every mode's graphs) is timed apart (`first_call_s`), before the rounds.
 """
 
 import argparse
@@ -18,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from benchmarks import common
 from benchmarks.timing import loadavg, peak_rss_mb, time_calls
@@ -27,6 +38,29 @@ from score_jax import train, xla_options
 YNN_CONV = "+ynn-conv"
 # jaxlib 0.10.2's default list (the same compiled program as no option at all).
 JAXLIB_YNN_FUSIONS = xla_options.CPU_YNN_FUSIONS + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+TORCH_TOKENS = ("eager", "channels_last", "compile", "bf16", "fp32")
+
+
+def torch_variant(variant: str, base: dict, backend: str) -> dict:
+    """The reference's spec for one `--torch-variants` entry (see the module docstring)."""
+    tokens = variant.split("+")
+    unknown = sorted(set(tokens) - set(TORCH_TOKENS))
+    if unknown or not tokens or ("bf16" in tokens and "fp32" in tokens):
+        raise ValueError(
+            f"--torch-variants: bad variant {variant!r}; a '+'-joined set of {TORCH_TOKENS} "
+            "(not both bf16 and fp32)"
+        )
+    spec = dict(base, channels_last="channels_last" in tokens, compile="compile" in tokens)
+    spec["compile_backend"] = backend
+    if "bf16" in tokens:
+        spec["dtype"] = "bfloat16"
+    elif "fp32" in tokens:
+        spec["dtype"] = "float32"
+    return spec
+
+
+def torch_name(variant: str) -> str:
+    return "torch" if variant == "eager" else f"torch:{variant}"
 
 
 def run_paired(args: argparse.Namespace) -> dict:
@@ -35,7 +69,6 @@ def run_paired(args: argparse.Namespace) -> dict:
 
     from benchmarks import torch_reference
     from score_jax.torch_bridge.convert import export_state_dict
-    from score_jax.torch_bridge.models import build_torch_model
 
     variants = [v for v in args.paired.split(",") if v]
     unknown = {v for v in variants if v.removesuffix(YNN_CONV) not in common.CONV_CHOICES}
@@ -75,18 +108,28 @@ def run_paired(args: argparse.Namespace) -> dict:
             jax.block_until_ready((holder["state"], metrics))
 
         runners[v] = one
-    if not args.no_torch:
+    torch_variants = [] if args.no_torch else [v for v in args.torch_variants.split(",") if v]
+    if torch_variants:
         torch.set_num_threads(os.cpu_count() or 1)
-        spec = common.torch_spec(setup, "train", args.steps, args.warmup, False)
-        model = build_torch_model(spec["model_name"], spec["num_classes"], **spec["model_kwargs"])
+        base = common.torch_spec(setup, "train", args.steps, args.warmup, False)
         variables = {"params": initial.params, "batch_stats": initial.batch_stats}
-        model.load_state_dict(export_state_dict(spec["model_name"], variables), strict=True)
-        ref = torch_reference.Reference(model, spec)
+        state_dict = export_state_dict(base["model_name"], variables)
         host = setup.batcher.batch(0)
-        images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
-        labels = torch.from_numpy(host["label"].astype(np.int64))
-        runners["torch"] = lambda: ref.train_step(images, labels)
-        out["torch"] = {"step_s_all": []}
+        for tv in torch_variants:
+            spec = torch_variant(tv, base, args.torch_compile_backend)
+            ref, images, labels = torch_reference.build(
+                spec, state_dict, host["image"], host["label"]
+            )
+
+            def step(ref=ref, images=images, labels=labels):
+                ref.train_step(images, labels)
+                ref.sync()
+
+            name = torch_name(tv)
+            runners[name] = step
+            out[name] = {"framework": torch_reference.framework(spec), "step_s_all": []}
+            if spec["compile"]:
+                out[name]["first_call_s"] = time_calls(step, 1, 0)[0]
     for fn in runners.values():
         time_calls(fn, 0, args.warmup)
     rounds = []
@@ -106,10 +149,15 @@ def run_paired(args: argparse.Namespace) -> dict:
         "rounds": rounds,
         "peak_rss_mb_process": peak_rss_mb(),
     }
-    if not args.no_torch:
-        result["ratio_jax_over_torch"] = {
-            v: statistics.median(r["torch"] / r[v] for r in rounds) for v in variants
+    if torch_variants:
+        per_setup = {
+            torch_name(tv): {
+                v: statistics.median(r[torch_name(tv)] / r[v] for r in rounds) for v in variants
+            }
+            for tv in torch_variants
         }
+        result["ratio_jax_over_torch"] = per_setup[torch_name(torch_variants[0])]
+        result["ratio_jax_over_torch_variants"] = per_setup
     first = variants[0]
     result[f"speedup_vs_{first}"] = {
         v: statistics.median(r[first] / r[v] for r in rounds) for v in variants
@@ -129,7 +177,15 @@ def markdown_paired(result: dict) -> str:
     for name, d in result["variants"].items():
         ratio = f"{ratios[name]:.2f}" if name in ratios else "-"
         lines.append(
-            f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.1f} | "
+            f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.3g} | "
             f"{d['images_per_s']:.2f} | {ratio} | {load} |"
         )
+    per_setup = result.get("ratio_jax_over_torch_variants", {})
+    if len(per_setup) > 1:
+        jax_variants = list(next(iter(per_setup.values())))
+        lines += ["", "| JAX / PyTorch setup | " + " | ".join(per_setup) + " |"]
+        lines.append("|---|" + "---|" * len(per_setup))
+        for v in jax_variants:
+            cells = " | ".join(f"{r[v]:.2f}" for r in per_setup.values())
+            lines.append(f"| {v} | {cells} |")
     return "\n".join(lines)
