@@ -23,6 +23,7 @@ call (its compilation, every mode's graphs) is timed apart (`first_call_s`), bef
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -63,44 +64,85 @@ def torch_name(variant: str) -> str:
     return "torch" if variant == "eager" else f"torch:{variant}"
 
 
-def run_paired(args: argparse.Namespace) -> dict:
-    """Times each --paired conv variant and PyTorch, `args.steps` rounds (see the docstring)."""
-    import torch
+@dataclasses.dataclass(frozen=True)
+class JaxVariant:
+    """One JAX step of the rounds: its convolution, compile options (None: the steps' own,
+    `xla_options.compiler_options()`) and whether it has the divergence guard."""
 
-    from benchmarks import torch_reference
-    from score_jax.torch_bridge.convert import export_state_dict
+    conv_impl: str
+    compiler_options: dict[str, Any] | None = None
+    divergence_guard: bool = True
 
-    variants = [v for v in args.paired.split(",") if v]
+
+def parse_jax_variants(paired: str) -> dict[str, JaxVariant]:
+    """`--paired`'s comma list: `<conv>` or `<conv>+ynn-conv` (see the module docstring)."""
+    variants = [v for v in paired.split(",") if v]
     unknown = {v for v in variants if v.removesuffix(YNN_CONV) not in common.CONV_CHOICES}
     if unknown:
         raise ValueError(
             f"--paired: unknown conv variants {sorted(unknown)}; valid {common.CONV_CHOICES}, "
             f"each optionally with {YNN_CONV!r}"
         )
+    ynn = {xla_options.YNN_FUSION_OPTION: JAXLIB_YNN_FUSIONS}
+    return {
+        v: JaxVariant(v.removesuffix(YNN_CONV), ynn if YNN_CONV in v else None) for v in variants
+    }
+
+
+def run_paired(
+    args: argparse.Namespace,
+    jax_variants: dict[str, JaxVariant] | None = None,
+    keep: dict[str, Any] | None = None,
+) -> dict:
+    """Times each JAX variant (default: `--paired`'s) and each PyTorch setup, `args.steps`
+    rounds (see the module docstring). A variant whose compile options the backend rejects is
+    reported (its "error") and left out of the rounds. `keep`, if given, receives the first
+    variant's "setup" and its initial "state" (host copy)."""
+    import torch
+
+    from benchmarks import torch_reference
+    from score_jax.torch_bridge.convert import export_state_dict
+
+    if jax_variants is None:
+        jax_variants = parse_jax_variants(args.paired)
     dataset = common.synthetic_dataset(args.image_size, max(4 * args.batch, 256))
     runners: dict[str, Callable[[], object]] = {}
     out: dict[str, Any] = {}
-    setup = None
-    for v in variants:
-        config = common.make_config(
-            args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=v.removesuffix(YNN_CONV),
-            attack_steps=args.attack_steps,
-        )  # fmt: skip
-        setup = common.bench_setup(config, dataset, args.devices)
-        state = setup.initial_state()
+    setups: dict[str, tuple[Any, Any]] = {}
+    setup = initial = None
+    for v, spec in jax_variants.items():
+        if spec.conv_impl not in setups:
+            config = common.make_config(
+                args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=spec.conv_impl,
+                attack_steps=args.attack_steps,
+            )  # fmt: skip
+            s = common.bench_setup(config, dataset, args.devices)
+            setups[spec.conv_impl] = (s, s.initial_state())
+        setup, base_state = setups[spec.conv_impl]
+        state = jax.tree.map(lambda x: x.copy(), base_state)  # each variant donates its own
         batch = train.shard_batch(setup.batcher.batch(0), setup.mesh)
         key = common.device_key(setup)
-        t0 = time.perf_counter()
-        options = {xla_options.YNN_FUSION_OPTION: JAXLIB_YNN_FUSIONS} if YNN_CONV in v else None
-        lowered = setup.compile_train_step().lower(state, batch, key)
-        compiled = lowered.compile(compiler_options=options)
+        if initial is None:
+            initial = jax.device_get(state)
+            if keep is not None:
+                keep.update(setup=setup, state=initial)
+        options = spec.compiler_options
         out[v] = {
-            "compile_s": time.perf_counter() - t0,
+            "conv_impl": spec.conv_impl,
             "compiler_options": options or xla_options.compiler_options(),
+            "divergence_guard": spec.divergence_guard,
             "step_s_all": [],
         }
-        if not runners:
-            initial = jax.device_get(state)
+        t0 = time.perf_counter()
+        lowered = setup.compile_train_step(spec.divergence_guard).lower(state, batch, key)
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except (jax.errors.JaxRuntimeError, ValueError, TypeError) as e:
+            if options is None:
+                raise
+            out[v]["error"] = " ".join(str(e).split())[:300]
+            continue
+        out[v]["compile_s"] = time.perf_counter() - t0
         holder = {"state": state}
 
         def one(compiled=compiled, holder=holder, batch=batch, key=key):
@@ -108,6 +150,9 @@ def run_paired(args: argparse.Namespace) -> dict:
             jax.block_until_ready((holder["state"], metrics))
 
         runners[v] = one
+    variants = [v for v in jax_variants if v in runners]
+    if not variants:
+        raise ValueError(f"no JAX variant compiled: {out}")
     torch_variants = [] if args.no_torch else [v for v in args.torch_variants.split(",") if v]
     if torch_variants:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -141,8 +186,9 @@ def run_paired(args: argparse.Namespace) -> dict:
             row[name] = t
         rounds.append(row)
     for d in out.values():
-        d["step_s_median"] = statistics.median(d["step_s_all"])
-        d["images_per_s"] = args.batch / d["step_s_median"]
+        if d["step_s_all"]:
+            d["step_s_median"] = statistics.median(d["step_s_all"])
+            d["images_per_s"] = args.batch / d["step_s_median"]
     result: dict[str, Any] = {
         **common.result_header("train_step_paired", args),
         "variants": out,
@@ -175,6 +221,10 @@ def markdown_paired(result: dict) -> str:
     ratios = result.get("ratio_jax_over_torch", {})
     load = "/".join(f"{v:.1f}" for v in result["rounds"][0]["loadavg"])
     for name, d in result["variants"].items():
+        if "error" in d:
+            lines.append(f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | rejected: "
+                         f"{d['error'][:120]} | - | - | {load} |")  # fmt: skip
+            continue
         ratio = f"{ratios[name]:.2f}" if name in ratios else "-"
         lines.append(
             f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.3g} | "
