@@ -8,26 +8,29 @@ writes `<part>.error.txt` with its traceback, and the others still run):
 
 - `environment`: devices, driver (`nvidia-smi`), the versions of python, jax, jaxlib, flax,
   optax, orbax, torch (and its CUDA and cuDNN), XLA_FLAGS, the host.
+- `paired`: `benchmarks.train_step --paired` rounds, WRN-28-10, batch 512, TRADES-SE with
+  PGD-10, bfloat16: the JAX step with the default compile options, with each candidate XLA flag
+  set (`XLA_CANDIDATES` for the backend), and without the divergence guard, against PyTorch
+  eager NCHW, channels_last and torch.compile + channels_last, all in bfloat16 autocast; the
+  MFU of the default step (XLA's FLOP count over the median step over the chip's peak,
+  `PEAK_FLOPS` or `--peak-flops`) and the guard's per-step cost (`no_guard` against `default`).
 - `smoke`: `score_jax.trainer.train_and_evaluate` on configs/cifar10_ddpm.py (WRN-28-10, batch
   512, bfloat16, TRADES-SE with PGD-10; synthetic CIFAR-shaped real and generated images, real
   fraction 0.3): 2 steps with a checkpoint, then the same workdir extended to 4 steps, which must
   resume from step 2 (validation and test PGD cut to 2 steps, no AutoAttack).
-- `paired`: `benchmarks.train_step --paired` rounds at the same shape: the JAX step with the
-  default compile options, with each candidate XLA flag set (`XLA_CANDIDATES` for the backend),
-  and without the divergence guard, against PyTorch eager NCHW, channels_last and
-  torch.compile + channels_last, all in bfloat16 autocast; the MFU of the default step (XLA's
-  FLOP count over the median step over the chip's peak, `PEAK_FLOPS` or `--peak-flops`) and the
-  guard's per-step cost (`no_guard` against `default`).
 - `overheads`: the checksums' per-save and per-restore cost on this state
   (`benchmarks.overheads.measure_checksums`).
 - `autoattack`: the JAX AutoAttack (standard) against pyautoattack on WRN-28-10 (random
   weights, images labelled by the model), `--aa-examples` (32) examples.
 
 `summary.md` gathers the headline numbers. `--budget-s` (default 450: 8 minutes with margin)
-bounds the whole: a part that would start with less than its usual time left is skipped, and
-the summary says so. `--tiny` runs every part at a tiny shape on any backend (small CNN, 8x8
-images, batch 8, reduced attacks; torch.compile with the aot_eager backend, since inductor's
-first compile takes 30-65 s on a 2-core CPU) to check the harness, not to measure.
+bounds the whole: a part that would start with less than its estimated time left
+(`PART_SECONDS`) is skipped, and the summary says so; `--parts` reruns the skipped ones. The
+compiled programs are cached in `<json-dir>/xla_cache` during the run (the smoke run's second
+session reuses its evaluation programs) and the cache is removed at the end. `--tiny` runs
+every part at a tiny shape on any backend (small CNN, 8x8 images, batch 8, reduced attacks;
+torch.compile with the aot_eager backend, since inductor's first compile takes 30-65 s on a
+2-core CPU) to check the harness, not to measure.
 """
 
 import os
@@ -81,7 +84,9 @@ XLA_CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
     "tpu": {},
 }
 # Seconds a part usually needs on one H200 (compilations included): it is skipped with less left.
-PART_SECONDS = {"environment": 5, "smoke": 100, "paired": 200, "overheads": 30, "autoattack": 90}
+# Estimated from the H200 runs of 2026-11-26 (compilation 24-33 s per WRN-28-10 train program),
+# not yet measured for this script; the parts run in this order, the most wanted first.
+PART_SECONDS = {"environment": 5, "paired": 250, "smoke": 130, "overheads": 30, "autoattack": 110}
 PARTS = tuple(PART_SECONDS)
 
 
@@ -395,12 +400,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--parts: unknown {unknown}; valid {PARTS}")
     shape = TINY if args.tiny else REAL
     os.makedirs(args.json_dir, exist_ok=True)
+    cache = None
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.path.join(args.json_dir, "xla_cache")
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     start = time.perf_counter()
     keep: dict[str, Any] = {}
     runs: dict[str, Callable[[], Any]] = {
         "environment": environment,
-        "smoke": lambda: smoke(shape, args.json_dir),
         "paired": lambda: paired_rounds(shape, args.peak_flops, keep),
+        "smoke": lambda: smoke(shape, args.json_dir),
         "overheads": lambda: checksum_costs(shape, args.json_dir, keep),
         "autoattack": lambda: autoattack_check(shape, 8 if args.tiny else args.aa_examples),
     }
@@ -430,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[part]["part_wall_s"] = time.perf_counter() - t0
         _write(args.json_dir, part, results[part])
         status[part] = f"done in {results[part]['part_wall_s']:.1f} s"
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
     total = time.perf_counter() - start
     status["total"] = f"{total:.1f} s"
     text = summary(results, status, shape)
