@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 from benchmarks import device_check  # noqa: E402
 
 
+@pytest.mark.slow  # 60-150 s on the 2-core VM: five JAX step programs and Dynamo's captures
 def test_tiny_device_check_writes_every_part(tmp_path):
     out = tmp_path / "dc"
     device_check.main(["--tiny", "--json-dir", str(out)])
