@@ -213,19 +213,28 @@ def _synthetic_ddpm_dataset(shape: Shape) -> data.Dataset:
     return dataclasses.replace(ds, generated=generated)
 
 
+def _checkpoint_steps(workdir: str) -> list[int]:
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
 def smoke(shape: Shape, out_dir: str) -> dict[str, Any]:
     """2 steps and a checkpoint, then the workdir extended to 4 steps (must resume at 2)."""
     from score_jax import setup as setup_module
     from score_jax import trainer
 
     workdir = os.path.join(out_dir, "smoke_workdir")
+    shutil.rmtree(workdir, ignore_errors=True)  # a new run, not a resume of an earlier check
     dataset = _synthetic_ddpm_dataset(shape)
     result: dict[str, Any] = {"workdir": workdir}
     with mock.patch.object(setup_module, "load_data", lambda config: dataset):
         for name, steps in (("first", 2), ("resumed", 4)):
             config = _smoke_config(shape, steps)
             config.resume_extend = name == "resumed"
-            before = checkpoint.Checkpointer(workdir).all_steps() if name == "resumed" else []
+            before = _checkpoint_steps(workdir) if name == "resumed" else []
             t0 = time.perf_counter()
             results = trainer.train_and_evaluate(config, workdir)
             result[name] = {
@@ -233,9 +242,7 @@ def smoke(shape: Shape, out_dir: str) -> dict[str, Any]:
                 "steps_before": before,
                 "results": results,
             }
-    ckpt = checkpoint.Checkpointer(workdir)
-    steps_after = ckpt.all_steps()
-    ckpt.close()
+    steps_after = _checkpoint_steps(workdir)
     metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     logged = sorted({m["step"] for m in metrics if "train/loss" in m})
     result["checkpoint_steps"] = steps_after
@@ -322,8 +329,8 @@ def checksum_costs(shape: Shape, out_dir: str, keep: dict) -> dict[str, Any]:
     if state is None:  # the paired part did not run: the same state, built here
         args = _bench_args(shape)
         config = common.make_config(args.model, args.batch, args.loss, dtype=args.dtype)
-        state = common.bench_setup(config, common.synthetic_dataset(shape.image_size, 256))
-        state = state.initial_state()
+        setup = common.bench_setup(config, common.synthetic_dataset(shape.image_size, 256))
+        state = setup.initial_state()
     workdir = os.path.join(out_dir, "overheads_workdir")
     try:
         return overheads.measure_checksums(state, shape.saves, workdir)
