@@ -184,11 +184,16 @@ def run_torch(args, tm, split, eps) -> dict[str, Any]:
     from pyautoattack.fab_pt import FABAttack_PT
     from pyautoattack.square import SquareAttack
 
+    # On the GPU when JAX runs there too (the same device for both sides), else the CPU.
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    tm = tm.to(device)
     x = torch.from_numpy(np.ascontiguousarray(split.images.transpose(0, 3, 1, 2)) / 255.0)
-    x, y = x.float(), torch.from_numpy(split.labels.astype(np.int64))
-    adversary = AutoAttack(tm, norm=NORMS[args.norm], eps=eps, version="standard", seed=0)
+    x, y = x.float().to(device), torch.from_numpy(split.labels.astype(np.int64)).to(device)
+    adversary = AutoAttack(
+        tm, norm=NORMS[args.norm], eps=eps, version="standard", seed=0, device=device
+    )
     if args.n_iter or args.n_targets or args.n_queries:  # reduced settings (harness tests)
-        kw = dict(eps=eps, norm=NORMS[args.norm], device="cpu", seed=0)
+        kw = dict(eps=eps, norm=NORMS[args.norm], device=device, seed=0)
         n_iter, n_targets = args.n_iter or 100, args.n_targets or 9
         adversary.apgd = APGDAttack(tm, n_restarts=1, n_iter=n_iter, **kw)
         adversary.apgd_targeted = APGDAttack_targeted(
@@ -228,6 +233,7 @@ def run_torch(args, tm, split, eps) -> dict[str, Any]:
             )
             previous = total
     return {
+        "device": device,
         "threads": torch.get_num_threads(),
         "seconds": seconds,
         "clean_accuracy": clean,

@@ -8,9 +8,22 @@ every round sees the same machine load, so the per-round ratios stay meaningful 
 machine where the load drifts. A variant `<conv>+ynn-conv` compiles with jaxlib's default
 YNNPACK fusions, convolutions included (`JAXLIB_YNN_FUSIONS`), instead of the steps' own
 `xla_options.compiler_options()`.
+
+`--torch-variants` (default `eager`) names the PyTorch setups timed in the same rounds, each a
+`+`-joined set of `eager` (the reference: NCHW, no compilation), `channels_last` (NHWC memory
+layout), `compile` (`torch.compile` of the model, backend `--torch-compile-backend`), `bf16` /
+`fp32` (autocast to bfloat16 or none, overriding `--dtype`):
+
+    python -m benchmarks.train_step --model wrn-28-10 --batch 512 --dtype bfloat16 --paired xla \
+        --torch-variants eager,channels_last,compile,compile+channels_last --json paired.json
+
+`eager` is named `torch` in the JSON, every other one `torch:<variant>`; `ratio_jax_over_torch`
+is against the first, `ratio_jax_over_torch_variants` against each. A compiled variant's first
+call (its compilation, every mode's graphs) is timed apart (`first_call_s`), before the rounds.
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -18,7 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from benchmarks import common
 from benchmarks.timing import loadavg, peak_rss_mb, time_calls
@@ -27,47 +39,110 @@ from score_jax import train, xla_options
 YNN_CONV = "+ynn-conv"
 # jaxlib 0.10.2's default list (the same compiled program as no option at all).
 JAXLIB_YNN_FUSIONS = xla_options.CPU_YNN_FUSIONS + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+TORCH_TOKENS = ("eager", "channels_last", "compile", "bf16", "fp32")
 
 
-def run_paired(args: argparse.Namespace) -> dict:
-    """Times each --paired conv variant and PyTorch, `args.steps` rounds (see the docstring)."""
-    import torch
+def torch_variant(variant: str, base: dict, backend: str) -> dict:
+    """The reference's spec for one `--torch-variants` entry (see the module docstring)."""
+    tokens = variant.split("+")
+    unknown = sorted(set(tokens) - set(TORCH_TOKENS))
+    if unknown or not tokens or ("bf16" in tokens and "fp32" in tokens):
+        raise ValueError(
+            f"--torch-variants: bad variant {variant!r}; a '+'-joined set of {TORCH_TOKENS} "
+            "(not both bf16 and fp32)"
+        )
+    spec = dict(base, channels_last="channels_last" in tokens, compile="compile" in tokens)
+    spec["compile_backend"] = backend
+    if "bf16" in tokens:
+        spec["dtype"] = "bfloat16"
+    elif "fp32" in tokens:
+        spec["dtype"] = "float32"
+    return spec
 
-    from benchmarks import torch_reference
-    from score_jax.torch_bridge.convert import export_state_dict
-    from score_jax.torch_bridge.models import build_torch_model
 
-    variants = [v for v in args.paired.split(",") if v]
+def torch_name(variant: str) -> str:
+    return "torch" if variant == "eager" else f"torch:{variant}"
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxVariant:
+    """One JAX step of the rounds: its convolution, compile options (None: the steps' own,
+    `xla_options.compiler_options()`) and whether it has the divergence guard."""
+
+    conv_impl: str
+    compiler_options: dict[str, Any] | None = None
+    divergence_guard: bool = True
+
+
+def parse_jax_variants(paired: str) -> dict[str, JaxVariant]:
+    """`--paired`'s comma list: `<conv>` or `<conv>+ynn-conv` (see the module docstring)."""
+    variants = [v for v in paired.split(",") if v]
     unknown = {v for v in variants if v.removesuffix(YNN_CONV) not in common.CONV_CHOICES}
     if unknown:
         raise ValueError(
             f"--paired: unknown conv variants {sorted(unknown)}; valid {common.CONV_CHOICES}, "
             f"each optionally with {YNN_CONV!r}"
         )
+    ynn = {xla_options.YNN_FUSION_OPTION: JAXLIB_YNN_FUSIONS}
+    return {
+        v: JaxVariant(v.removesuffix(YNN_CONV), ynn if YNN_CONV in v else None) for v in variants
+    }
+
+
+def run_paired(
+    args: argparse.Namespace,
+    jax_variants: dict[str, JaxVariant] | None = None,
+    keep: dict[str, Any] | None = None,
+) -> dict:
+    """Times each JAX variant (default: `--paired`'s) and each PyTorch setup, `args.steps`
+    rounds (see the module docstring). A variant whose compile options the backend rejects is
+    reported (its "error") and left out of the rounds. `keep`, if given, receives the first
+    variant's "setup" and its initial "state" (host copy)."""
+    import torch
+
+    from benchmarks import torch_reference
+    from score_jax.torch_bridge.convert import export_state_dict
+
+    if jax_variants is None:
+        jax_variants = parse_jax_variants(args.paired)
     dataset = common.synthetic_dataset(args.image_size, max(4 * args.batch, 256))
     runners: dict[str, Callable[[], object]] = {}
     out: dict[str, Any] = {}
-    setup = None
-    for v in variants:
-        config = common.make_config(
-            args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=v.removesuffix(YNN_CONV),
-            attack_steps=args.attack_steps,
-        )  # fmt: skip
-        setup = common.bench_setup(config, dataset, args.devices)
-        state = setup.initial_state()
+    setups: dict[str, tuple[Any, Any]] = {}
+    setup = initial = None
+    for v, spec in jax_variants.items():
+        if spec.conv_impl not in setups:
+            config = common.make_config(
+                args.model, args.batch, args.loss, dtype=args.dtype, conv_impl=spec.conv_impl,
+                attack_steps=args.attack_steps,
+            )  # fmt: skip
+            s = common.bench_setup(config, dataset, args.devices)
+            setups[spec.conv_impl] = (s, s.initial_state())
+        setup, base_state = setups[spec.conv_impl]
+        state = jax.tree.map(lambda x: x.copy(), base_state)  # each variant donates its own
         batch = train.shard_batch(setup.batcher.batch(0), setup.mesh)
         key = common.device_key(setup)
-        t0 = time.perf_counter()
-        options = {xla_options.YNN_FUSION_OPTION: JAXLIB_YNN_FUSIONS} if YNN_CONV in v else None
-        lowered = setup.compile_train_step().lower(state, batch, key)
-        compiled = lowered.compile(compiler_options=options)
+        if initial is None:
+            initial = jax.device_get(state)
+            if keep is not None:
+                keep.update(setup=setup, state=initial)
+        options = spec.compiler_options
         out[v] = {
-            "compile_s": time.perf_counter() - t0,
+            "conv_impl": spec.conv_impl,
             "compiler_options": options or xla_options.compiler_options(),
+            "divergence_guard": spec.divergence_guard,
             "step_s_all": [],
         }
-        if not runners:
-            initial = jax.device_get(state)
+        t0 = time.perf_counter()
+        lowered = setup.compile_train_step(spec.divergence_guard).lower(state, batch, key)
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except (jax.errors.JaxRuntimeError, ValueError, TypeError) as e:
+            if options is None:
+                raise
+            out[v]["error"] = " ".join(str(e).split())[:300]
+            continue
+        out[v]["compile_s"] = time.perf_counter() - t0
         holder = {"state": state}
 
         def one(compiled=compiled, holder=holder, batch=batch, key=key):
@@ -75,18 +150,31 @@ def run_paired(args: argparse.Namespace) -> dict:
             jax.block_until_ready((holder["state"], metrics))
 
         runners[v] = one
-    if not args.no_torch:
+    variants = [v for v in jax_variants if v in runners]
+    if not variants:
+        raise ValueError(f"no JAX variant compiled: {out}")
+    torch_variants = [] if args.no_torch else [v for v in args.torch_variants.split(",") if v]
+    if torch_variants:
         torch.set_num_threads(os.cpu_count() or 1)
-        spec = common.torch_spec(setup, "train", args.steps, args.warmup, False)
-        model = build_torch_model(spec["model_name"], spec["num_classes"], **spec["model_kwargs"])
+        base = common.torch_spec(setup, "train", args.steps, args.warmup, False)
         variables = {"params": initial.params, "batch_stats": initial.batch_stats}
-        model.load_state_dict(export_state_dict(spec["model_name"], variables), strict=True)
-        ref = torch_reference.Reference(model, spec)
+        state_dict = export_state_dict(base["model_name"], variables)
         host = setup.batcher.batch(0)
-        images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
-        labels = torch.from_numpy(host["label"].astype(np.int64))
-        runners["torch"] = lambda: ref.train_step(images, labels)
-        out["torch"] = {"step_s_all": []}
+        for tv in torch_variants:
+            spec = torch_variant(tv, base, args.torch_compile_backend)
+            ref, images, labels = torch_reference.build(
+                spec, state_dict, host["image"], host["label"]
+            )
+
+            def step(ref=ref, images=images, labels=labels):
+                ref.train_step(images, labels)
+                ref.sync()
+
+            name = torch_name(tv)
+            runners[name] = step
+            out[name] = {"framework": torch_reference.framework(spec), "step_s_all": []}
+            if spec["compile"]:
+                out[name]["first_call_s"] = time_calls(step, 1, 0)[0]
     for fn in runners.values():
         time_calls(fn, 0, args.warmup)
     rounds = []
@@ -98,18 +186,24 @@ def run_paired(args: argparse.Namespace) -> dict:
             row[name] = t
         rounds.append(row)
     for d in out.values():
-        d["step_s_median"] = statistics.median(d["step_s_all"])
-        d["images_per_s"] = args.batch / d["step_s_median"]
+        if d["step_s_all"]:
+            d["step_s_median"] = statistics.median(d["step_s_all"])
+            d["images_per_s"] = args.batch / d["step_s_median"]
     result: dict[str, Any] = {
         **common.result_header("train_step_paired", args),
         "variants": out,
         "rounds": rounds,
         "peak_rss_mb_process": peak_rss_mb(),
     }
-    if not args.no_torch:
-        result["ratio_jax_over_torch"] = {
-            v: statistics.median(r["torch"] / r[v] for r in rounds) for v in variants
+    if torch_variants:
+        per_setup = {
+            torch_name(tv): {
+                v: statistics.median(r[torch_name(tv)] / r[v] for r in rounds) for v in variants
+            }
+            for tv in torch_variants
         }
+        result["ratio_jax_over_torch"] = per_setup[torch_name(torch_variants[0])]
+        result["ratio_jax_over_torch_variants"] = per_setup
     first = variants[0]
     result[f"speedup_vs_{first}"] = {
         v: statistics.median(r[first] / r[v] for r in rounds) for v in variants
@@ -127,9 +221,21 @@ def markdown_paired(result: dict) -> str:
     ratios = result.get("ratio_jax_over_torch", {})
     load = "/".join(f"{v:.1f}" for v in result["rounds"][0]["loadavg"])
     for name, d in result["variants"].items():
+        if "error" in d:
+            lines.append(f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | rejected: "
+                         f"{d['error'][:120]} | - | - | {load} |")  # fmt: skip
+            continue
         ratio = f"{ratios[name]:.2f}" if name in ratios else "-"
         lines.append(
-            f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.1f} | "
+            f"| {a['model']} | {a['batch']} | {a['loss']} | {name} | {d['step_s_median']:.3g} | "
             f"{d['images_per_s']:.2f} | {ratio} | {load} |"
         )
+    per_setup = result.get("ratio_jax_over_torch_variants", {})
+    if len(per_setup) > 1:
+        jax_variants = list(next(iter(per_setup.values())))
+        lines += ["", "| JAX / PyTorch setup | " + " | ".join(per_setup) + " |"]
+        lines.append("|---|" + "---|" * len(per_setup))
+        for v in jax_variants:
+            cells = " | ".join(f"{r[v]:.2f}" for r in per_setup.values())
+            lines.append(f"| {v} | {cells} |")
     return "\n".join(lines)

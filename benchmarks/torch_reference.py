@@ -12,7 +12,10 @@ SPEC keys: mode ("train" | "eval"), model_name, num_classes, model_kwargs (build
 state_dict (a torch.save'd state dict, or null for PyTorch's own init), batch (an .npz with
 `image` uint8 NHWC and `label`), steps, warmup, dtype ("float32" | "bfloat16"), threads (null:
 os.cpu_count()), device (null: "cpu"; or "cuda"), channels_last (NHWC memory layout; default
-false, the reference's NCHW), seed, breakdown, profile, attack
+false, the reference's NCHW), compile (default false: `torch.compile` of the model, its forward
+and, through AOTAutograd, its backward; the attack loop and the optimizer stay eager, as a user
+adding one line would have it), compile_backend (default "inductor"; "aot_eager" traces and
+partitions without generating code), seed, breakdown, profile, attack
 {eps, step_size, num_steps, init, norm[, objective]}; train mode also loss {type, kind, beta},
 optim {learning_rate, momentum, nesterov, weight_decay, weight_decay_batchnorm}, ema {decay,
 warmup_steps}, augment {crop_padding, flip}.
@@ -82,6 +85,11 @@ class Reference:
         if spec["attack"].get("norm", "linf") != "linf":
             raise ValueError("torch reference: only the linf attack is implemented")
         self.model = model
+        # The mode switches (train/eval, track_running_stats) act on `model`; the forward passes
+        # go through `forward`, compiled when the spec says so (one graph per mode, guarded).
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model
+        if spec.get("compile"):
+            self.forward = torch.compile(model, backend=spec.get("compile_backend") or "inductor")
         self.spec = spec
         self.bf16 = spec.get("dtype", "float32") == "bfloat16"
         self.device = torch.device(spec.get("device") or "cpu")
@@ -123,7 +131,7 @@ class Reference:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            return self.model(x).float()
+            return self.forward(x).float()
 
     def prepare(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         x = images.float().div_(255.0)
@@ -322,35 +330,66 @@ def profile(call: Callable[[], object], top: int = 12) -> dict:
     }
 
 
-def run(spec: dict) -> dict:
-    """Builds the model from the spec, times `steps` steps (median), returns the results."""
+def framework(spec: dict) -> str:
+    """How the spec runs PyTorch: "torch 2.13.0 compile(inductor) channels_last bf16-autocast
+    (cuda)", "torch 2.13.0 eager (cpu)", ..."""
+    how = "eager"
+    if spec.get("compile"):
+        how = f"compile({spec.get('compile_backend') or 'inductor'})"
+    if spec.get("channels_last"):
+        how += " channels_last"
+    if spec.get("dtype", "float32") == "bfloat16":
+        how += " bf16-autocast"
+    return f"torch {torch.__version__} {how} ({torch.device(spec.get('device') or 'cpu').type})"
+
+
+def build(
+    spec: dict, state_dict: dict | None, image: np.ndarray, label: np.ndarray
+) -> tuple[Reference, torch.Tensor, torch.Tensor]:
+    """The spec's Reference (model from `state_dict`, or PyTorch's init if None; on the spec's
+    device and memory layout) and the batch (`image` uint8 NHWC) as its tensors."""
     from score_jax.torch_bridge.models import build_torch_model
 
-    threads = int(spec.get("threads") or os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    torch.manual_seed(int(spec.get("seed", 0)))
     device = torch.device(spec.get("device") or "cpu")
     if device.type == "cuda":
         # cuDNN's algorithm search for the fixed shapes, as GPU training scripts switch it on.
         torch.backends.cudnn.benchmark = True
     model = build_torch_model(spec["model_name"], int(spec["num_classes"]), **spec["model_kwargs"])
-    if spec.get("state_dict"):
-        model.load_state_dict(torch.load(spec["state_dict"]), strict=True)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
     layout = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
     model.to(device, memory_format=layout)
-    with np.load(spec["batch"]) as batch:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-        labels = torch.from_numpy(batch["label"].astype(np.int64))
+    images = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
+    labels = torch.from_numpy(label.astype(np.int64))
     images, labels = images.to(device).contiguous(memory_format=layout), labels.to(device)
-    ref = Reference(model, spec)
+    return Reference(model, spec), images, labels
+
+
+def run(spec: dict) -> dict:
+    """Builds the model from the spec, times `steps` steps (median), returns the results."""
+    threads = int(spec.get("threads") or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    torch.manual_seed(int(spec.get("seed", 0)))
+    device = torch.device(spec.get("device") or "cpu")
+    state_dict = torch.load(spec["state_dict"]) if spec.get("state_dict") else None
+    with np.load(spec["batch"]) as batch:
+        ref, images, labels = build(spec, state_dict, batch["image"], batch["label"])
     fn = ref.train_step if spec["mode"] == "train" else ref.eval_step
+    first_call_s = None
+    if spec.get("compile"):  # compiles every mode's graphs: timed apart, never as a step
+        t0 = time.perf_counter()
+        fn(images, labels)
+        ref.sync()
+        first_call_s = time.perf_counter() - t0
     load_before = loadavg()
     cpu: list[float] = []
     times = time_calls(lambda: fn(images, labels), int(spec["steps"]), int(spec["warmup"]), cpu)
     median = statistics.median(times)
     result = {
-        "framework": f"torch {torch.__version__} eager ({device.type})",
+        "framework": framework(spec),
         "channels_last": bool(spec.get("channels_last")),
+        "compile": bool(spec.get("compile")),
+        "compile_first_call_s": first_call_s,
         "threads": threads,
         "step_s_all": times,
         "step_s_median": median,

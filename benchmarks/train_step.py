@@ -195,6 +195,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile)",
     )
     parser.add_argument(
+        "--torch-variants",
+        default="eager",
+        help="with --paired: comma list of PyTorch setups, each a '+'-joined set of eager, "
+        "channels_last, compile, bf16, fp32 (e.g. eager,channels_last,compile+channels_last)",
+    )
+    parser.add_argument(
+        "--torch-compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compile variants (aot_eager: no code generation)",
+    )
+    parser.add_argument(
         "--peak-flops", type=float, default=0.0, help="the device's peak FLOP/s: adds jax.mfu"
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")

@@ -9,6 +9,10 @@ precision; `--plots` writes one PNG per group of metrics.jsonl keys (train loss,
 validation, test, learning rate, momentum, other), a panel per key and a line per run; it needs
 matplotlib (`pip install -e ".[plots]"`).
 
+A workdir may be local or on gs:// (any `score_jax.workdir_io` path); a gs:// argument with
+`*`, `?` or `[` is expanded here (the shell cannot): `python -m score_jax.results
+'gs://bucket/runs/*' runs/*` lists the bucket's runs beside the local ones.
+
 A workdir with a missing config.json or a corrupt file is skipped with a warning naming the file;
 no usable workdir at all is an error.
 """
@@ -27,6 +31,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from score_jax import workdir_io
 from score_jax.errors import DataError
 
 CONFIG_FILE = "config.json"
@@ -80,24 +85,52 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _join(workdir: str, *parts: str) -> str:
+    if workdir_io.is_remote(workdir):
+        return os.fspath(workdir_io.join(workdir, *parts))
+    return os.path.join(workdir, *parts)
+
+
+def _exists(path: str) -> bool:
+    return workdir_io.exists(path) if workdir_io.is_remote(path) else os.path.exists(path)
+
+
+def _open(path: str, mode: str = "r"):
+    return workdir_io.open_read(path, mode) if workdir_io.is_remote(path) else open(path, mode)
+
+
+def expand(patterns: Sequence[str]) -> list[str]:
+    """The workdirs the arguments name: a remote one with glob characters becomes its matches
+    (sorted; none is kept as given, so that it is reported as missing); the others as given."""
+    out = []
+    for pattern in patterns:
+        if workdir_io.is_remote(pattern) and glob.has_magic(pattern):
+            fs = workdir_io._fs(pattern)
+            matches = sorted(fs.unstrip_protocol(m) for m in fs.glob(pattern.rstrip("/")))
+            out.extend(matches or [pattern])
+        else:
+            out.append(pattern)
+    return out
+
+
 def _read_json(path: str) -> Any:
     try:
-        with open(path, "rb") as f:
+        with _open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except OSError as e:
-        raise DataError(f"{path}: {e.strerror}") from None
+        raise DataError(f"{path}: {e.strerror or e}") from None
 
 
 def _read_metrics(path: str) -> list[dict[str, Any]]:
     rows = []
     try:
-        f = open(path, "rb")  # bytes: a binary-corrupt line is reported like a text-corrupt one
+        f = _open(path, "rb")  # bytes: a binary-corrupt line is reported like a text-corrupt one
     except OSError as e:
-        raise DataError(f"{path}: {e.strerror}") from None
+        raise DataError(f"{path}: {e.strerror or e}") from None
     with f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -122,7 +155,7 @@ def _event_wall_times(path: str) -> tuple[float, float] | None:
     from tensorboardX.proto.event_pb2 import Event
 
     first = last = None
-    with open(path, "rb") as f:
+    with _open(path, "rb") as f:
         while True:
             header = f.read(12)
             if len(header) < 12:
@@ -143,33 +176,36 @@ def _event_wall_times(path: str) -> tuple[float, float] | None:
 
 
 def _wall_seconds(workdir: str) -> float | None:
-    spans = [
-        _event_wall_times(p)
-        for p in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
-    ]
+    if workdir_io.is_remote(workdir):
+        folder = _join(workdir, "tensorboard")
+        names = [n for n in workdir_io.listdir(folder) if n.startswith("events.out.tfevents.")]
+        paths = [_join(folder, n) for n in names]
+    else:
+        paths = sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
+    spans = [_event_wall_times(p) for p in paths]
     spans = [s for s in spans if s is not None]
     return sum(last - first for first, last in spans) if spans else None
 
 
 def load_run(workdir: str) -> Run:
     """Reads one workdir; raises DataError naming the file that is missing or corrupt."""
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(config_path):
+    config_path = _join(workdir, CONFIG_FILE)
+    if not _exists(config_path):
         raise DataError(f"{config_path}: missing (not a score_jax workdir?)")
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise DataError(f"{config_path}: expected a JSON object")
     results: dict[str, float] = {}
     for name, column_prefix in RESULT_PREFIXES.items():
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
+        path = _join(workdir, name)
+        if _exists(path):
             tree = _read_json(path)
             if not isinstance(tree, dict):
                 raise DataError(f"{path}: expected a JSON object, got a {type(tree).__name__}")
             flat = flatten(tree)
             results.update({column_prefix + k: v for k, v in flat.items() if _is_number(v)})
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    metrics = _read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    metrics_path = _join(workdir, METRICS_FILE)
+    metrics = _read_metrics(metrics_path) if _exists(metrics_path) else []
     return Run(workdir, flatten(config), results, metrics, _wall_seconds(workdir))
 
 
@@ -292,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m score_jax.results", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("workdirs", nargs="+", help="workdirs of score_jax runs (e.g. runs/*)")
+    parser.add_argument(
+        "workdirs", nargs="+", help="workdirs of score_jax runs (e.g. runs/* 'gs://bucket/runs/*')"
+    )
     parser.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     parser.add_argument("--plots", metavar="DIR", help="write PNG curves from metrics.jsonl")
     args = parser.parse_args(argv)
@@ -301,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"score_jax.results: warning: {message}", file=sys.stderr)
 
     try:
-        runs = load_runs(args.workdirs, warn)
+        runs = load_runs(expand(args.workdirs), warn)
         columns, rows = table(runs)
         print(markdown(columns, rows))
         if args.csv:

@@ -128,7 +128,7 @@ class Setup:
         )
         return parallel.replicate(state, self.mesh)
 
-    def compile_train_step(self) -> Callable:
+    def compile_train_step(self, divergence_guard: bool = True) -> Callable:
         """The jitted train step (`train.compile_train_step`) of this model, schedules and mesh:
         (state, sharded batch, key) -> (state, metrics)."""
         return train.compile_train_step(
@@ -138,6 +138,7 @@ class Setup:
             self.ema_warmup_steps,
             self.mesh,
             momentum_fn=self.momentum_schedule,
+            divergence_guard=divergence_guard,
         )
 
     def start_state(self) -> train.TrainState:

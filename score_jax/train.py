@@ -289,6 +289,7 @@ def train_step(
     ema_warmup_steps: int,
     sync_batch_stats: bool,
     momentum_fn: optax.Schedule | None = None,
+    divergence_guard: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One step on this device's part of the batch: augment, attack, loss, update, EMA.
 
@@ -298,6 +299,8 @@ def train_step(
     guard: unless the loss, the gradient and the
     updated state (params, EMA, optimizer state, batch statistics) are all finite, the state is
     left unchanged and metrics["finite"] = 0 (metrics["finite_<part>"] say which part failed).
+    `divergence_guard=False` leaves it out (benchmarks/overheads.py measures its cost; training
+    always keeps it).
     """
     keys = example_keys(key, state.step, batch["pos"])
     aug_keys, attack_keys = (
@@ -326,6 +329,8 @@ def train_step(
     if momentum_fn is not None:
         metrics["momentum"] = momentum_fn(state.step)
     new_state = update(state, grads, batch_stats, config.ema.decay, ema_warmup_steps)
+    if not divergence_guard:
+        return new_state, metrics
     checks = {
         "loss": jnp.isfinite(metrics["loss"]),
         "grad_norm": jnp.isfinite(metrics["grad_norm"]),
@@ -359,11 +364,12 @@ def compile_train_step(
     ema_warmup_steps: int,
     mesh: Mesh,
     momentum_fn: optax.Schedule | None = None,
+    divergence_guard: bool = True,
 ):
     """jit(shard_map(train_step)) over `mesh`: state replicated, batch split on "batch".
 
     `learning_rate_fn` and `momentum_fn` (optional) are logged as metrics; the optimizer in the
-    state applies its own."""
+    state applies its own. `divergence_guard`: see `train_step`."""
     sync = bool(config.sync_batch_stats)
     step = functools.partial(
         train_step,
@@ -373,5 +379,6 @@ def compile_train_step(
         ema_warmup_steps=ema_warmup_steps,
         sync_batch_stats=sync,
         momentum_fn=momentum_fn,
+        divergence_guard=divergence_guard,
     )
     return data_parallel(step, mesh, (P(), P(AXIS), P()), (P(), P()), donate_argnums=0)

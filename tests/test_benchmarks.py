@@ -142,15 +142,119 @@ def test_conv_layers_benchmark_in_a_loop_with_torch(tmp_path):
 
 
 def test_paired_train_step_benchmark(tmp_path):
+    """JAX variants (a compiler option among them) and, with --torch-variants, each PyTorch
+    setup timed in the same rounds and compared with each JAX variant. The compile variant uses
+    the aot_eager backend here (Dynamo's capture and AOTAutograd's forward/backward split, no
+    code generation): inductor's first compile of even this tiny model takes 30-65 s on the
+    2-core machine (it works there; benchmarks/README.md)."""
+
     out = tmp_path / "paired.json"
-    paired = "xla,xla+ynn-conv"
-    train_step.main([*TINY, "--attack-steps", "2", "--paired", paired, "--json", str(out)])
+    variants = "eager,channels_last,compile+channels_last+bf16"
+    train_step.main(
+        [*TINY, "--attack-steps", "2", "--paired", "xla,xla+ynn-conv"]
+        + ["--torch-variants", variants]
+        + ["--torch-compile-backend", "aot_eager", "--json", str(out)]
+    )
     saved = json.loads(out.read_text())
     assert saved["benchmark"] == "train_step_paired" and len(saved["rounds"]) == 2
-    assert set(saved["variants"]) == {"xla", "xla+ynn-conv", "torch"}
+    names = ["torch", "torch:channels_last", "torch:compile+channels_last+bf16"]
+    assert list(saved["variants"]) == ["xla", "xla+ynn-conv", *names]
     options = saved["variants"]["xla+ynn-conv"]["compiler_options"]
     assert "INDIVIDUAL_CONVOLUTION" in options[xla_options.YNN_FUSION_OPTION]
     assert saved["variants"]["xla"]["compiler_options"] == xla_options.compiler_options()
     for name, v in saved["variants"].items():
         assert len(v["step_s_all"]) == 2 and v["images_per_s"] > 0, name
-    assert_positive(saved["ratio_jax_over_torch"], ("xla", "xla+ynn-conv"), "ratio")
+    frameworks = [saved["variants"][n]["framework"].split(" ", 2)[2] for n in names]
+    assert frameworks == [
+        "eager (cpu)",
+        "eager channels_last (cpu)",
+        "compile(aot_eager) channels_last bf16-autocast (cpu)",
+    ]
+    compiled = saved["variants"]["torch:compile+channels_last+bf16"]
+    assert_positive(compiled, ("first_call_s",), "compile")
+    assert list(saved["ratio_jax_over_torch_variants"]) == names
+    for ratios in saved["ratio_jax_over_torch_variants"].values():
+        assert_positive(ratios, ("xla", "xla+ynn-conv"), "ratio")
+    assert saved["ratio_jax_over_torch"] == saved["ratio_jax_over_torch_variants"]["torch"]
+    with pytest.raises(ValueError, match="--torch-variants: bad variant 'compile\\+nhwc'"):
+        train_step.main([*TINY, "--paired", "xla", "--torch-variants", "compile+nhwc"]
+                        + ["--json", str(tmp_path / "bad.json")])  # fmt: skip
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_and_channels_last_reference_steps_equal_the_eager_one(channels_last):
+    """One TRADES step from the same weights and batch: the compiled (aot_eager) and the
+    channels_last reference give the eager NCHW step's loss and weights."""
+    import torch
+
+    from score_jax.torch_bridge.models import build_torch_model
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (4, 8, 8, 3), np.uint8)
+    label = np.arange(4) % 10
+    spec = {
+        "mode": "train",
+        "model_name": "small-cnn",
+        "num_classes": 10,
+        "model_kwargs": {"width": 4, "hidden": 8},
+        "dtype": "float32",
+        "attack": {"eps": 8 / 255, "step_size": 2 / 255, "num_steps": 2, "init": "normal"},
+        "loss": {"type": "trades", "kind": "se", "beta": 4.0},
+        "optim": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}
+        | {"weight_decay": 5e-4, "weight_decay_batchnorm": False},
+        "ema": {"decay": 0.995, "warmup_steps": 0},
+        "augment": {"crop_padding": 2, "flip": True},
+    }
+    torch.manual_seed(0)
+    weights = build_torch_model("small-cnn", 10, width=4, hidden=8).state_dict()
+    torch._dynamo.reset()  # compiled afresh here, whatever ran before in this process
+    results = []
+    for variant in (
+        {},
+        {"compile": True, "compile_backend": "aot_eager", "channels_last": channels_last},
+    ):
+        ref, images, labels = torch_reference.build({**spec, **variant}, weights, image, label)
+        loss = ref.train_step(images, labels)
+        results.append((loss, {k: v.detach().clone() for k, v in ref.model.state_dict().items()}))
+    assert isinstance(ref.forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo captured graphs
+    (eager_loss, eager_state), (loss, state) = results
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for k, v in eager_state.items():
+        torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_overheads_benchmark(tmp_path):
+    """Guard and checksums side by side at a tiny shape: every time positive and paired; the
+    step without the guard computes the guarded step's state (the guard only checks and
+    selects), so the comparison is of the same step."""
+    import jax
+
+    from benchmarks import common, overheads
+    from score_jax import train
+
+    out = tmp_path / "overheads.json"
+    argv = [*TINY, "--attack-steps", "1", "--saves", "2", "--workdir", str(tmp_path / "ck")]
+    overheads.main([*argv, "--json", str(out)])
+    saved = json.loads(out.read_text())
+    guard = saved["guard"]
+    for name in overheads.GUARD:
+        assert len(guard["times"][name]["step_s"]) == 2
+    assert_positive(guard, ("with_guard_step_s_median", "without_guard_step_s_median"), "guard")
+    assert all(math.isfinite(guard[k]) for k in ("overhead_ms", "overhead_pct"))
+    sums = saved["checksums"]
+    assert sums["state_bytes"] > 0 and sums["checksum_s_median"] > 0
+    for part in ("save_blocking", "save_total", "restore"):
+        for name in overheads.CHECKSUMS:
+            assert len(sums["times"][name][f"{part}_s"]) == 2
+            assert sums[part][f"{name}_{part}_s_median"] > 0
+
+    config = common.make_config("small-cnn", 8, "trades-se", conv_impl="xla", attack_steps=1)
+    setup = common.bench_setup(config, common.synthetic_dataset(8, 32), 1)
+    state = setup.initial_state()
+    batch = train.shard_batch(setup.batcher.batch(0), setup.mesh)
+    key = common.device_key(setup)
+    guarded, _ = setup.compile_train_step()(overheads._copy(state), batch, key)
+    unguarded, metrics = setup.compile_train_step(divergence_guard=False)(state, batch, key)
+    assert "finite" not in metrics and int(unguarded.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(guarded), jax.device_get(unguarded))

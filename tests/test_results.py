@@ -244,3 +244,53 @@ def test_plots_without_matplotlib_is_one_line(tmp_path, monkeypatch):
     message = r"--plots needs matplotlib: pip install -e \"\.\[plots\]\""
     with pytest.raises(SystemExit, match=message):
         results.main([*dirs, "--plots", str(tmp_path / "plots")])
+
+
+def _upload(local_dir: str, url: str) -> None:
+    """Copies every file under `local_dir` to the prefix `url`, with google-cloud-storage (not
+    the gcsfs client that results.py reads through)."""
+    from google.cloud import storage
+
+    bucket_name, prefix = url.removeprefix("gs://").split("/", 1)
+    bucket = storage.Client().bucket(bucket_name)
+    for folder, _, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(folder, name)
+            bucket.blob(f"{prefix}/{os.path.relpath(path, local_dir)}").upload_from_filename(path)
+
+
+def test_runs_in_a_bucket_and_local_ones_in_one_table(tmp_path, capsys, gcs_bucket):
+    """`'gs://.../runs/*' local_run`: the glob expanded on gs://, each row as the same run's row
+    read from local disk, wall time from an uploaded TensorBoard file, a bad remote workdir
+    skipped with a warning naming its gs:// file."""
+    import uuid
+
+    from tensorboardX import SummaryWriter
+
+    dirs = _runs(tmp_path)
+    writer = SummaryWriter(os.path.join(dirs[0], "tensorboard"))
+    writer.add_scalar("train/loss", 1.0, 10, walltime=time.time() + 50.0)
+    writer.close()
+    results.main(dirs)
+    local = {os.path.basename(r["run"]): r for r in _markdown_rows(capsys.readouterr().out)}
+
+    runs = f"{gcs_bucket}/results-{uuid.uuid4().hex[:8]}/runs"
+    _upload(dirs[0], f"{runs}/a")
+    _upload(dirs[1], f"{runs}/b")
+    os.remove(os.path.join(dirs[1], "config.json"))
+    _upload(dirs[1], f"{runs}/b_no_config")
+    results.main([f"{runs}/*", dirs[2]])
+    out = capsys.readouterr()
+    rows = _markdown_rows(out.out)
+    assert [r["run"] for r in rows] == [f"{runs}/a", f"{runs}/b", dirs[2]]
+    for row in rows:
+        assert {**row, "run": ""} == {**local[os.path.basename(row["run"])], "run": ""}
+    assert 49.0 < float(rows[0]["wall_s"]) <= 50.0 and rows[1]["wall_s"] == ""
+    assert out.err.strip() == (
+        f"score_jax.results: warning: {runs}/b_no_config/config.json: missing (not a score_jax "
+        f"workdir?); skipped {runs}/b_no_config"
+    )
+    # A pattern matching nothing is reported as the workdir it names.
+    with pytest.raises(SystemExit, match="no usable workdir among the 1 given"):
+        results.main([f"{runs}/z*"])
+    assert f"{runs}/z*/config.json: missing" in capsys.readouterr().err

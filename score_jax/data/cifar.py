@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from score_jax.data import VALIDATION_ORDERS, Dataset, Split, cifar_archive
+from score_jax.data import VALIDATION_ORDERS, Dataset, Split, cifar_archive, remote
 from score_jax.errors import ConfigError, DataError
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -90,7 +90,12 @@ def load(
     archive = cifar_archive.find(name, data_dir)
     if archive is not None:
         order = "tfds" if validation_order == "tfds" else "file"
-        splits = cifar_archive.read(name, archive, order)
+        if remote.is_remote(data_dir):
+            url = data_dir.rstrip("/")
+            with remote.named_as(remote.local_path(url), url):
+                splits = cifar_archive.read(name, archive, order)
+        else:
+            splits = cifar_archive.read(name, archive, order)
         full, test = Split(*splits["train"]), Split(*splits["test"])
     elif validation_order == "file":
         layout = cifar_archive.LAYOUTS[name]

@@ -5,6 +5,9 @@ extracted `cifar-10-batches-py/` / `cifar-100-python/` (what torchvision downloa
 directory holding either. Each batch file is a pickled dict with bytes keys: b"data", uint8
 N x 3072 (per image the 1024 red, then green, then blue values, each plane row-major) and
 b"labels" (CIFAR-10) or b"fine_labels" (CIFAR-100). Every file is checked before use.
+
+On gs:// (`data_dir` a remote path) the same three forms work: the archive object, or the batch
+files of the extracted folder, are copied once to local disk (`score_jax.data.remote`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from absl import logging
 
+from score_jax.data import remote
 from score_jax.errors import DataError
 
 IMAGE_SIZE = 32
@@ -79,6 +83,8 @@ def find(name: str, data_dir: str | None) -> str | None:
     layout = LAYOUTS[name]
     if not data_dir:
         return None
+    if remote.is_remote(data_dir):
+        return _find_remote(name, data_dir.rstrip("/"))
     if data_dir.endswith(_ARCHIVE_SUFFIXES):
         if not os.path.isfile(data_dir):
             raise DataError(f"config.dataset.data_dir={data_dir!r}: no such archive")
@@ -106,6 +112,40 @@ def find(name: str, data_dir: str | None) -> str | None:
                 f"config.dataset.name={name!r}"
             )
     return None
+
+
+def _find_remote(name: str, url: str) -> str | None:
+    """`find` for a gs:// `url`: the local copy of the archive object, or a local folder holding
+    copies of the extracted folder's batch files; None if `url` holds neither (TFDS data)."""
+    layout = LAYOUTS[name]
+    what = "config.dataset.data_dir"
+    if url.endswith(_ARCHIVE_SUFFIXES):
+        if not remote.is_object(url):
+            raise DataError(f"{what}={url!r}: no such archive")
+        return remote.fetch(url, what)
+    if remote.is_object(url):
+        raise DataError(
+            f"{what}={url!r} is an object but not a .tar.gz archive (expected {layout.archive}, "
+            f"its extracted {layout.folder}/ or a prefix holding either)"
+        )
+    if url.rsplit("/", 1)[-1] == layout.folder or remote.exists(f"{url}/{layout.train[0]}"):
+        folder = url
+    elif remote.exists(f"{url}/{layout.folder}/{layout.train[0]}"):
+        folder = f"{url}/{layout.folder}"
+    elif remote.is_object(f"{url}/{layout.archive}"):
+        return remote.fetch(f"{url}/{layout.archive}", what)
+    else:
+        for other_name, other in LAYOUTS.items():
+            held = [f"{url}/{other.folder}/{other.train[0]}", f"{url}/{other.train[0]}"]
+            held.append(f"{url}/{other.archive}")
+            if other_name != name and any(map(remote.exists, held)):
+                raise DataError(
+                    f"{what}={url!r} holds {other.folder} ({other_name}), but "
+                    f"config.dataset.name={name!r}"
+                )
+        return None
+    copies = [remote.fetch(f"{folder}/{n}", what) for n in (*layout.train, *layout.test)]
+    return os.path.dirname(copies[0])
 
 
 _NP_CORE = np._core if hasattr(np, "_core") else np.core

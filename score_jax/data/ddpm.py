@@ -8,6 +8,9 @@ A memory map bypasses the zip CRC, so stored members are checked against it once
 is cached beside the file (`<path>.verified`, keyed by the file's size and mtime), so a 3 GB file
 is read in full only on the first start after it changes. Compressed members are CRC-checked by
 zipfile as they are read.
+
+A gs:// path is copied to local disk once per host (`score_jax.data.remote`, checked against the
+object's MD5) and memory-mapped from there; errors name the gs:// path.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from absl import logging
 from numpy.lib import format as npy_format
 
-from score_jax.data import Split
+from score_jax.data import Split, remote
 from score_jax.errors import DataError
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # A zip local file header (30 bytes).
@@ -146,6 +149,8 @@ def load_generated(
     """
     image_shape = tuple(image_shape)
     where = f"DDPM data {path!r} (config.dataset.ddpm_path)"
+    if remote.is_remote(path):
+        path = remote.fetch(path, "DDPM data, config.dataset.ddpm_path")
     if not os.path.isfile(path):
         raise DataError(f"{where}: file not found")
     try:

@@ -186,10 +186,31 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         conv = {"im2col": conv_im2col, "hybrid": conv_hybrid, "xla": conv_xla}[impl]
         y = conv(x, kernel, self.strides, self.padding)
-        if self.use_bias:
+        if self.use_bias:  # added in float32: its gradient sums over the batch
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = (y.astype(jnp.float32) + bias).astype(self.dtype)
         return y
+
+
+class Dense(nn.Module):
+    """y = x W + b, returned in float32: the product in `dtype` (inputs and kernel cast), the bias
+    added in float32, so the logits are never rounded to bfloat16 and the bias gradient (a sum
+    over the batch) accumulates in float32. Parameters, their names and initialisation as
+    `flax.linen.Dense`: kernel (in, features), bias (features,), both float32."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ()))
+        )
+        return y.astype(jnp.float32) + bias
 
 
 def normalize(x: jax.Array, mean: Sequence[float], std: Sequence[float], dtype: Dtype) -> jax.Array:
@@ -262,14 +283,14 @@ class ModelBase(nn.Module):
         return check_init_scheme(self.init_scheme) == "torch"
 
     def dense(self, features: int, name: str) -> Callable[[jax.Array], jax.Array]:
-        """A Dense layer with the init scheme's kernel and bias initialisers."""
+        """A `Dense` layer (float32 output) with the init scheme's kernel and bias initialisers."""
 
         def apply(x: jax.Array) -> jax.Array:
             scheme = check_init_scheme(self.init_scheme)
             if scheme == "default":
-                return nn.Dense(features, dtype=self.dtype, name=name)(x)
+                return Dense(features, dtype=self.dtype, name=name)(x)
             bias_init = torch_bias_init(x.shape[-1]) if scheme == "torch" else nn.initializers.zeros
-            return nn.Dense(
+            return Dense(
                 features,
                 dtype=self.dtype,
                 kernel_init=torch_kernel_init,
