@@ -41,5 +41,6 @@ def get_config(variant: str = "trades-se"):
             c.attack, objective=divergence, num_steps=10, step_size=c.attack.step_size
         )
         c.eval.select_by = ("pgd", f"pgd_{divergence}")
+    c.test.pgd.num_steps = 10  # Table 1: PGD-10 (CE), eval_cifar.py; Table 2: c.test.autoattack
     c.best_by = "raw"  # no weight averaging in the basic setting
     return c

@@ -162,6 +162,7 @@ def field_checks() -> dict[str, Check]:
         "init_from": _STRING,
         "sync_batch_stats": _BOOL,
         "progress_bar": _BOOL,
+        "eval_precision": _choice(("float32", "model")),  # evaluate.EVAL_PRECISIONS
         "dataset.name": _choice(DATASET_NAMES),
         "dataset.data_dir": _STRING,
         "dataset.num_validation": _integer(0),

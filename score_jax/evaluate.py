@@ -37,6 +37,44 @@ StepFn = Callable[[dict, dict, np.ndarray], dict[str, Array]]
 
 CLEAN = "clean"
 SELECT_TIES = ("strict", "later")  # a new best needs value > best / value >= best
+# config.eval_precision: "float32" (default) evaluates a float32 copy of the model, float32
+# parameters, matrix products and convolutions at the highest precision (no bf16 passes on TPU,
+# no TF32 on GPU); "model": the model as trained (its dtype, the backend's default precision).
+EVAL_PRECISIONS = ("float32", "model")
+
+
+def check_precision(precision: str) -> None:
+    """ConfigError unless `precision` is one of EVAL_PRECISIONS."""
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"eval_precision={precision!r}; valid: {', '.join(EVAL_PRECISIONS)}")
+
+
+def eval_model(model: nn.Module, precision: str = "float32") -> nn.Module:
+    """The model the evaluators run: its float32 copy (`dtype=float32`) under "float32", else
+    `model` itself. Modules without a `dtype` field compute in their parameters' dtype."""
+    check_precision(precision)
+    if precision == "float32" and getattr(model, "dtype", jnp.float32) != jnp.float32:
+        return model.clone(dtype=jnp.float32)
+    return model
+
+
+def with_precision(fn: Callable, precision: str = "float32") -> Callable:
+    """`fn` traced with float32 floating inputs (its variables and batch) and
+    `jax.default_matmul_precision("highest")` under "float32"; `fn` itself under "model"."""
+    check_precision(precision)
+    if precision == "model":
+        return fn
+
+    def to_float32(a):
+        a = jnp.asarray(a)
+        return a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    @functools.wraps(fn)
+    def wrapped(variables, *args):
+        with jax.default_matmul_precision("highest"):
+            return fn(jax.tree.map(to_float32, variables), *args)
+
+    return wrapped
 
 
 def clean_correct(logits_fn: attacks.LogitsFn, x: Array, labels: Array, keys: Array) -> Array:
@@ -82,11 +120,12 @@ class SplitEvaluator:
         spec: ml_collections.ConfigDict,
         mesh: Mesh,
         batch_size: int,
+        precision: str = "float32",
     ):
         from score_jax import autoattack
 
         self.spec, self.mesh, self.batch_size = spec, mesh, batch_size
-        self.model = model
+        self.model = model = eval_model(model, precision)
         self.attacks = autoattack.resolve_attacks(spec.version, spec.attacks)
         self.options = autoattack_options(spec, self.attacks)
         self.stage_fns = autoattack.make_stage_fns(
@@ -97,6 +136,7 @@ class SplitEvaluator:
             version=spec.version,
             attacks=spec.attacks,
             options=self.options,
+            precision=precision,
         )
 
     def __call__(self, variables: dict, split: data.Split, key: np.ndarray) -> dict[str, float]:
@@ -134,6 +174,24 @@ def autoattack_options(
         "square": dict(n_queries=spec.square_queries),
     }
     return {a: per_attack[a] for a in attacks}
+
+
+def autoattack_version(spec: ml_collections.ConfigDict) -> str:
+    """The version an "autoattack" spec's result is reported under: "standard" only with
+    AutoAttack's standard counts (autoattack.STANDARD_COUNTS), else "reduced" (or "custom")."""
+    from score_jax import autoattack
+
+    return autoattack.reported_version(
+        spec.version, {k: spec[k] for k in autoattack.STANDARD_COUNTS}
+    )
+
+
+def result_name(name: str, spec: ml_collections.ConfigDict) -> str:
+    """The name evaluator `name`'s results are reported under (metrics keys, tables):
+    "<name>_reduced" for an AutoAttack at reduced counts, else `name`."""
+    if spec.get("kind") == "autoattack" and autoattack_version(spec) == "reduced":
+        return f"{name}_reduced"
+    return name
 
 
 # kind -> builder of the evaluator's per-example correctness from its spec.
@@ -174,9 +232,15 @@ def eval_step(
     return jax.lax.psum(sums, AXIS)
 
 
-def compile_step(model: nn.Module, correct_fn: CorrectFn, mesh: Mesh) -> StepFn:
-    """jit(shard_map(eval_step)): variables replicated, batch split on "batch"."""
-    step = functools.partial(eval_step, model=model, correct_fn=correct_fn)
+def compile_step(
+    model: nn.Module, correct_fn: CorrectFn, mesh: Mesh, precision: str = "float32"
+) -> StepFn:
+    """jit(shard_map(eval_step)): variables replicated, batch split on "batch"; the model and
+    the step at `precision` (`eval_model`, `with_precision`)."""
+    model = eval_model(model, precision)
+    step = with_precision(
+        functools.partial(eval_step, model=model, correct_fn=correct_fn), precision
+    )
     return xla_options.jit(
         jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False)
     )
@@ -188,18 +252,22 @@ def compile_steps(
     mesh: Mesh,
     *,
     batch_size: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, StepFn | SplitEvaluator]:
     """{"clean": step, <name>: step (or SplitEvaluator) for each evaluator}; unknown kinds raise
-    ConfigError. `batch_size`: the global batch of the split evaluators (AutoAttack)."""
-    steps: dict[str, StepFn | SplitEvaluator] = {CLEAN: compile_step(model, clean_correct, mesh)}
+    ConfigError. `batch_size`: the global batch of the split evaluators (AutoAttack);
+    `precision`: EVAL_PRECISIONS (config.eval_precision)."""
+    steps: dict[str, StepFn | SplitEvaluator] = {
+        CLEAN: compile_step(model, clean_correct, mesh, precision)
+    }
     for name, spec in specs.items():
         kind = spec.get("kind")
         if kind in EVALUATORS:
-            steps[name] = compile_step(model, EVALUATORS[kind](spec), mesh)
+            steps[name] = compile_step(model, EVALUATORS[kind](spec), mesh, precision)
         elif kind in SPLIT_EVALUATORS:
             if not batch_size:
                 raise ValueError(f"evaluator {name!r} ({kind}) needs compile_steps' batch_size")
-            steps[name] = SPLIT_EVALUATORS[kind](model, spec, mesh, batch_size)
+            steps[name] = SPLIT_EVALUATORS[kind](model, spec, mesh, batch_size, precision)
         else:
             raise ConfigError(f"evaluator {name!r}: kind={kind!r}; valid: {', '.join(KINDS)}")
     return steps
@@ -238,17 +306,24 @@ def run_evaluators(
     for name, evaluator in steps.items():
         if isinstance(evaluator, SplitEvaluator):
             r = evaluator(variables, split, np.asarray(jax.random.key_data(name_keys[name])))
-            out[f"{name}_accuracy"] = r.pop("accuracy")
+            label = result_name(name, evaluator.spec)  # "<name>_reduced": not the standard AA
+            out[f"{label}_accuracy"] = r.pop("accuracy")
             n = r.pop("num_examples")
             if n != out["num_examples"]:  # spec.num_examples: only the first n examples
-                out[f"{name}_num_examples"] = n
-            out.update({f"{name}_{k}": v for k, v in r.items()})
+                out[f"{label}_num_examples"] = n
+            out.update({f"{label}_{k}": v for k, v in r.items()})
     return out
 
 
 def selection_value(results: dict[str, float], select_by: tuple[str, ...] | list[str]) -> float:
-    """min over the evaluators `select_by` of their accuracy in `results` (run_evaluators')."""
-    return min(results[f"{name}_accuracy"] for name in select_by)
+    """min over the evaluators `select_by` of their accuracy in `results` (run_evaluators';
+    an AutoAttack at reduced counts reports as "<name>_reduced")."""
+
+    def accuracy(name: str) -> float:
+        key = f"{name}_accuracy"
+        return results[key if key in results else f"{name}_reduced_accuracy"]
+
+    return min(accuracy(name) for name in select_by)
 
 
 def improves(value: float, best: float, ties: str) -> bool:
