@@ -535,3 +535,64 @@ def test_benchmark_harness_writes_complete_json(tmp_path):
         assert saved[side]["clean_accuracy"] >= saved[side]["robust_accuracy"]
     assert saved["jax"]["num_examples"] == 16
     assert saved["speedup_jax_over_torch"] == result["speedup_jax_over_torch"] > 0
+
+
+# ---------------------------------------------------------------- every break verified
+
+
+def test_verify_breaks_checks_prediction_ball_and_box():
+    """A break counts only if f(x_adv) is wrong, ||x_adv - x|| <= eps (float32 slack of order
+    1e-6 relative) and x_adv in [0, 1]; flagged breaks failing that are marked bad."""
+    x = np.full((6, 2, 2, 1), 0.5, np.float32)
+    eps = 0.1
+    step = np.zeros_like(x)
+    step[:, 0, 0, 0] = [eps, eps, 1.001 * eps, eps, 0.0, eps]  # example 2 leaves the ball
+    x_adv = x + step
+    x_adv[3, 1, 1, 0] = 1.5  # example 3 leaves the box
+    labels = np.zeros((6,), np.int32)
+    # Misclassified (class 1) iff pixel (0, 0) moved; example 4 did not move.
+    logits_fn = lambda z: jnp.stack([0.55 - z[:, 0, 0, 0], z[:, 0, 0, 0] - 0.55], -1)  # noqa: E731
+    robust = np.array([False, True, False, False, False, False])  # the attack's flags
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # example 5 is padding
+    for norm in ("linf", "l2"):
+        flags, bad = autoattack.verify_breaks(
+            logits_fn, x, x_adv, labels, robust, mask, eps=eps, norm=norm
+        )
+        np.testing.assert_array_equal(flags, [False, False, True, True, True, False])
+        np.testing.assert_array_equal(bad, [False, False, True, True, True, False])
+    # On the ball's edge as float32 rounds it: accepted, 1e-5 relative beyond: rejected.
+    edge = x + np.float32(eps)
+    for scale, want_bad in ((1.0, False), (1 + 1e-5, True)):
+        x_edge = x + np.float32(eps * scale)
+        _, bad = autoattack.verify_breaks(
+            logits_fn, x, x_edge, labels, np.zeros(6, bool), np.ones(6), eps=eps, norm="linf"
+        )
+        assert bad.all() == want_bad and bad.any() == want_bad, scale
+    assert np.abs(edge - x).max() != eps  # float32 x + eps - x is not eps exactly
+
+
+@pytest.mark.parametrize("wrong", ["apgd-t", "square"])
+def test_an_attack_stepping_outside_eps_raises(digits_model, monkeypatch, wrong):
+    """A deliberately wrong stage (its points pushed 3 eps away, still flagged) stops the
+    evaluation with an error naming it; the stages before it ran."""
+    from score_jax.autoattack import suite
+
+    ds, model, variables, _ = digits_model
+    split = data.Split(ds.test.images[:32], ds.test.labels[:32])
+    real = suite.run_attack
+
+    def run_attack(name, logits_fn, x, labels, key, **kw):
+        x_adv, robust = real(name, logits_fn, x, labels, key, **kw)
+        if name == wrong:  # every point flagged broken, moved outside the ball
+            return jnp.clip(x + 3 * kw["eps"] * jnp.sign(x_adv - x + 1e-3), 0, 1), robust & False
+        return x_adv, robust
+
+    monkeypatch.setattr(suite, "run_attack", run_attack)
+    options = {"apgd-ce": dict(n_iter=5), "apgd-t": dict(n_iter=3, n_target_classes=1),
+               "square": dict(n_queries=10)}  # fmt: skip
+    with pytest.raises(RuntimeError, match=rf"AutoAttack {wrong}: \d+ examples .* flagged broken"):
+        autoattack.evaluate(
+            model, variables, split, eps=EPS, version="custom", attacks=list(options),
+            options=options, batch_size=32, mesh=train.make_mesh(jax.devices()[:1]),
+            key=train.base_key(0),
+        )  # fmt: skip
