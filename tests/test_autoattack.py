@@ -225,6 +225,47 @@ def test_apgd_from_the_same_start_follows_the_reference(digits_model, norm, eps)
     assert size.max() <= eps + 1e-5
 
 
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+def test_apgd_targeted_from_the_same_start_follows_the_reference(digits_model, norm, eps):
+    """APGD-T's run on the targeted DLR loss, target the second-largest clean logit, from the
+    same start as pyautoattack's APGDAttack_targeted.attack_single_run: the same breaks (one may
+    differ, as for APGD-CE)."""
+    ds, model, variables, tm = digits_model
+    x = ds.test.images[96:192].astype(np.float32) / 255.0
+    y = ds.test.labels[96:192].astype(np.int32)
+    logits_fn = lambda z: model.apply(variables, z, train=False)  # noqa: E731
+    target = np.argsort(np.asarray(logits_fn(x)), axis=1)[:, -2]
+    direction = np.random.default_rng(1).normal(0.0, 1.0, x.shape)
+    if norm == "linf":
+        direction = np.sign(direction)
+    else:
+        direction /= np.sqrt(np.sum(direction**2, axis=(1, 2, 3), keepdims=True))
+    start = np.clip(x + eps * direction, 0, 1).astype(np.float32)
+    _, robust = jax.jit(
+        lambda: autoattack.apgd_run(
+            logits_fn,
+            lambda z, labels: autoattack.dlr_loss_targeted(z, labels, jnp.asarray(target)),
+            x,
+            y,
+            jax.random.key(0),
+            eps=eps,
+            norm=norm,
+            n_iter=20,
+            x_init=start,
+        )
+    )()
+    ref = APGDAttack_targeted(tm, n_iter=20, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm],
+                              device="cpu")  # fmt: skip
+    ref.init_hyperparam(_torch(x))
+    ref.y_target = torch.from_numpy(target).long()
+    with torch.no_grad():
+        _, acc, _, _ = ref.attack_single_run(_torch(x), torch.from_numpy(y).long(), _torch(start))
+    robust, acc = np.asarray(robust), acc.numpy()
+    print(norm, "robust", acc.mean(), "differ", (robust != acc).sum())
+    assert 0.2 < acc.mean() < 0.9
+    assert (robust != acc).sum() <= 1
+
+
 def test_chunk_sizes_pad_little_and_stay_put():
     """Chunks: equal, a multiple of the device count, at most the batch, padding under an eighth
     of the batch per chunk; a stage keeps its size while the padding stays under a quarter."""
