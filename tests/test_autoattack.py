@@ -506,12 +506,18 @@ def test_tiny_wrn_random_weights_matches_reference():
     assert (np.asarray(robust) != flags.numpy()).sum() <= 1
 
 
-TINY = {"apgd-ce": dict(n_iter=5), "square": dict(n_queries=40)}
+TINY = {  # APGD-CE kept weak so that the later stages have examples to break
+    "apgd-ce": dict(n_iter=1),
+    "apgd-t": dict(n_iter=3, n_target_classes=2),
+    "fab-t": dict(n_iter=3, n_target_classes=2),
+    "square": dict(n_queries=40),
+}
 
 
 def test_four_devices_match_one_and_stages_compile_once(digits_model):
-    """Same keys, same flags on 4 devices as on 1 (example i's randomness follows its index);
-    each stage runs on two batches of one bucket size and compiles once."""
+    """Same keys, same flags on 4 devices as on 1 for every stage (example i's randomness
+    follows its index), targets and the re-gathering between them included; the first stage
+    runs on two batches of one bucket size and compiles once."""
     ds, model, variables, _ = digits_model
     split = data.Split(ds.test.images[:64], ds.test.labels[:64])
     settings = dict(eps=EPS, version="custom", attacks=list(TINY), options=TINY)
@@ -523,7 +529,7 @@ def test_four_devices_match_one_and_stages_compile_once(digits_model):
         first = autoattack.evaluate(model, variables, split, stage_fns=stage_fns, **kw)
         compiled = {k: f._cache_size() for k, f in stage_fns.items()}
         assert compiled["clean"] == compiled["apgd-ce"] == 1  # 64 and > 32 examples: 2 batches
-        assert compiled["square"] <= 1
+        assert max(compiled["apgd-t"], compiled["fab-t"], compiled["square"]) <= 2
         again = autoattack.evaluate(model, variables, split, stage_fns=stage_fns, **kw)
         assert {k: f._cache_size() for k, f in stage_fns.items()} == compiled
         rates = [s["robust_accuracy"] for s in first["stages"]]
@@ -535,7 +541,10 @@ def test_four_devices_match_one_and_stages_compile_once(digits_model):
         s["robust_accuracy"] for s in one["stages"]
     ]
     assert four["num_examples"] == one["num_examples"] == 64
-    assert four["robust_accuracy"] < four["clean_accuracy"]
+    assert [s["attack"] for s in four["stages"]] == list(autoattack.ATTACKS)
+    rates = [one["clean_accuracy"], *(s["robust_accuracy"] for s in one["stages"])]
+    print("clean and per stage", rates)
+    assert four["robust_accuracy"] < four["stages"][0]["robust_accuracy"] < four["clean_accuracy"]
 
 
 def test_bad_settings_name_the_field(digits_model):
