@@ -646,3 +646,147 @@ def test_an_attack_stepping_outside_eps_raises(digits_model, monkeypatch, wrong)
             options=options, batch_size=32, mesh=train.make_mesh(jax.devices()[:1]),
             key=train.base_key(0),
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------- parity on an adversarially
+# trained model, where the later stages matter
+
+
+AT_EPS = {"linf": EPS, "l2": 0.5}
+# APGD kept weak (both sides alike) so that FAB-T has examples to break: on this model the full
+# counts leave FAB-T and Square nothing (83.6% after APGD-CE and after every later stage, on
+# both sides, 360 examples, 10 iterations).
+AT_SETTINGS = {
+    "apgd-ce": dict(n_iter=1),
+    "apgd-t": dict(n_iter=1, n_target_classes=2),
+    "fab-t": dict(n_iter=10, n_target_classes=2),
+    "square": dict(n_queries=100),
+}
+N_AT = 240
+
+
+@pytest.fixture(scope="module")
+def trades_digits_model(digits_model):
+    """The digits CNN trained 200 TRADES-SE steps (beta 6, PGD-5 at Linf 0.1 on the SE between
+    clean and adversarial softmax, BatchNorm in eval mode in the attack), and its export."""
+    ds, model, _, _ = digits_model
+    x = ds.train.images.astype(np.float32) / 255.0
+    y = ds.train.labels.astype(np.int32)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, stats, opt_state, xb, yb, key):
+        def probs(p, z):
+            return jax.nn.softmax(model.apply({"params": p, "batch_stats": stats}, z, train=False))
+
+        p_clean = jax.lax.stop_gradient(probs(params, xb))
+        objective = lambda z: jnp.sum(jnp.square(probs(params, z) - p_clean), -1)  # noqa: E731
+        x_adv = attacks.pgd(objective, xb, key, eps=EPS, step_size=EPS / 4, num_steps=5)
+
+        def loss(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats},
+                jnp.concatenate([xb, x_adv]),
+                train=True,
+                mutable=["batch_stats"],
+            )
+            pc, pa = jnp.split(jax.nn.softmax(logits), 2)
+            se = jnp.sum(jnp.square(pc - jax.nn.one_hot(yb, 10)), -1)
+            return jnp.mean(se + 6.0 * jnp.sum(jnp.square(pc - pa), -1)), upd
+
+        (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
+
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = opt.init(params)
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        idx = rng.integers(0, len(y), 64)
+        params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx], jax.random.key(i))
+    variables = {"params": params, "batch_stats": stats}
+    tm = build_torch_model("small-cnn", 10, mean=ds.mean, std=ds.std, **DIGITS_KW)
+    tm.load_state_dict(export_state_dict("small-cnn", variables), strict=True)
+    tm.eval()
+    return ds, model, variables, tm
+
+
+def _ref_counts(tm, x, y, *, eps, norm) -> list[int]:
+    """pyautoattack's run_standard_evaluation at AT_SETTINGS: robust counts, clean then after
+    each stage (from its log lines)."""
+    ref_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    kw = dict(eps=eps, norm=ref_norm, device="cpu", seed=0)
+    adversary = AutoAttack(tm, norm=ref_norm, eps=eps, version="standard", seed=0, device="cpu")
+    adversary.apgd = APGDAttack(tm, n_restarts=1, **AT_SETTINGS["apgd-ce"], **kw)
+    adversary.apgd_targeted = APGDAttack_targeted(tm, n_restarts=1, **AT_SETTINGS["apgd-t"], **kw)
+    adversary.fab = FABAttack_PT(tm, n_restarts=1, **AT_SETTINGS["fab-t"], **kw)
+    adversary.square = SquareAttack(
+        tm, p_init=0.8, resc_schedule=False, **AT_SETTINGS["square"], **kw
+    )
+    log = []
+
+    class Capture:
+        def debug(self, msg, *a):
+            log.append(msg % a if a else msg)
+
+        info = warning = debug
+
+    adversary.logger = Capture()
+    adversary.run_standard_evaluation(_torch(x), torch.from_numpy(y).long(), batch_size=len(y))
+    rates = [
+        float(line.split()[-5 if line.startswith("robust") else 2].rstrip("%")) / 100.0
+        for line in log
+        if line.startswith(("initial accuracy: ", "robust accuracy after "))
+    ]
+    assert len(rates) == 1 + len(autoattack.ATTACKS), log
+    return [round(r * len(y)) for r in rates]
+
+
+def _jax_counts(model, variables, split, *, eps, norm, attacks) -> list[int]:
+    """The JAX suite at AT_SETTINGS with `attacks` (a stage left out repeats the count before)."""
+    options = {a: AT_SETTINGS[a] for a in attacks}
+    out = autoattack.evaluate(
+        model, variables, split, eps=eps, norm=norm, version="custom", attacks=list(attacks),
+        options=options, batch_size=len(split), mesh=train.make_mesh(jax.devices()[:1]),
+        key=train.base_key(0),
+    )  # fmt: skip
+    got = {s["attack"]: round(s["robust_accuracy"] * len(split)) for s in out["stages"]}
+    counts = [round(out["clean_accuracy"] * len(split))]
+    for name in autoattack.ATTACKS:
+        counts.append(got.get(name, counts[-1]))
+    return counts
+
+
+def _stage_parity(ours: list[int], ref: list[int], n: int) -> list[str]:
+    """What differs beyond sampling noise: the robust count after each stage (within 2% of the
+    examples) and each stage's own count of newly broken examples (within 2 sqrt(count) + 2)."""
+    bad = []
+    for i, name in enumerate(autoattack.ATTACKS, start=1):
+        if abs(ours[i] - ref[i]) > 0.02 * n:
+            bad.append(f"{name}: robust {ours[i]} vs {ref[i]}")
+        mine, theirs = ours[i - 1] - ours[i], ref[i - 1] - ref[i]
+        if abs(mine - theirs) > 2 * np.sqrt(max(mine, theirs)) + 2:
+            bad.append(f"{name}: broke {mine} vs {theirs}")
+    return bad
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_stages_match_pyautoattack_on_an_adversarially_trained_model(trades_digits_model, norm):
+    """Per stage, robust counts and each stage's newly broken examples as pyautoattack's on the
+    same TRADES-SE weights; the same comparison without FAB-T on the JAX side fails (the test
+    tells a stage that does nothing)."""
+    ds, model, variables, tm = trades_digits_model
+    split = data.Split(ds.test.images[:N_AT], ds.test.labels[:N_AT])
+    x, y = split.images.astype(np.float32) / 255.0, split.labels.astype(np.int32)
+    eps = AT_EPS[norm]
+    ref = _ref_counts(tm, x, y, eps=eps, norm=norm)
+    ours = _jax_counts(model, variables, split, eps=eps, norm=norm, attacks=autoattack.ATTACKS)
+    print(norm, "robust counts, clean then per stage: jax", ours, "pyautoattack", ref)
+    assert ours[0] == ref[0]
+    assert not _stage_parity(ours, ref, N_AT), (ours, ref)
+    assert ref[2] - ref[3] >= 5  # FAB-T breaks examples after APGD-T: a stage that matters
+    no_fab = _jax_counts(
+        model, variables, split, eps=eps, norm=norm, attacks=("apgd-ce", "apgd-t", "square")
+    )
+    assert _stage_parity(no_fab, ref, N_AT), (no_fab, ref)
