@@ -53,5 +53,6 @@ def get_config(variant: str = "trades-se"):
         )
         c.eval[f"pgd_{divergence}"].init = c.eval.pgd.init
         c.eval.select_by = ("pgd", f"pgd_{divergence}")
+    c.test.pgd.num_steps = 10  # Table 1: PGD-10 (CE), eval_cifar.py; Table 2: c.test.autoattack
     c.best_by = "raw"  # no weight averaging in the basic setting
     return c

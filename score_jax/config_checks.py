@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from score_jax import attacks, losses, optim
+from score_jax import attacks, losses, optim, precision
 from score_jax.data import DATASET_NAMES, REAL_SAMPLINGS, VALIDATION_ORDERS
 from score_jax.errors import ConfigError
 
@@ -165,6 +165,7 @@ def field_checks() -> dict[str, Check]:
         "sync_batch_stats": _BOOL,
         "bn_first_batch_stats": _BOOL,
         "progress_bar": _BOOL,
+        "eval_precision": _choice(precision.EVAL_PRECISIONS),
         "dataset.name": _choice(DATASET_NAMES),
         "dataset.data_dir": _STRING,
         "dataset.num_validation": _integer(0),

@@ -196,6 +196,10 @@ def base_config() -> ml_collections.ConfigDict:
     # `select_by` of config.best_by's accuracies, a new best needing > the best so far
     # (select_ties "strict") or >= ("later"). config.test: on the test split after training and
     # in --mode eval. The clean accuracy is always computed ("clean" in select_by).
+    # Every evaluator (validation and test) runs at eval_precision: "float32" (a float32 copy of
+    # the model, float32 parameters, highest matmul/convolution precision, whatever model.dtype
+    # trained) or "model" (as trained: model.dtype, the backend's default matmul precision).
+    c.eval_precision = "float32"
     c.eval = ml_collections.ConfigDict()
     c.eval.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=10, step_size=2 / 255)
     c.eval.select_by = ("pgd",)

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from score_jax import attacks, data, losses
 from score_jax.errors import ConfigError
 from score_jax.parallel import AXIS, data_parallel, shard_batch
+from score_jax.precision import eval_model, with_precision
 
 Array = jax.Array
 # correct(logits_fn, x, labels, keys) -> per-example 0/1 correctness (B,) under the evaluator.
@@ -90,11 +91,12 @@ class SplitEvaluator:
         spec: ml_collections.ConfigDict,
         mesh: Mesh,
         batch_size: int,
+        precision: str = "float32",
     ):
         from score_jax import autoattack
 
         self.spec, self.mesh, self.batch_size = spec, mesh, batch_size
-        self.model = model
+        self.model = model = eval_model(model, precision)
         self.attacks = autoattack.resolve_attacks(spec.version, spec.attacks)
         self.options = autoattack_options(spec, self.attacks)
         self.stage_fns = autoattack.make_stage_fns(
@@ -105,6 +107,7 @@ class SplitEvaluator:
             version=spec.version,
             attacks=spec.attacks,
             options=self.options,
+            precision=precision,
         )
 
     def __call__(self, variables: dict, split: data.Split, key: np.ndarray) -> dict[str, float]:
@@ -142,6 +145,24 @@ def autoattack_options(
         "square": dict(n_queries=spec.square_queries),
     }
     return {a: per_attack[a] for a in attacks}
+
+
+def autoattack_version(spec: ml_collections.ConfigDict) -> str:
+    """The version an "autoattack" spec's result is reported under: "standard" only with
+    AutoAttack's standard counts (autoattack.STANDARD_COUNTS), else "reduced" (or "custom")."""
+    from score_jax import autoattack
+
+    return autoattack.reported_version(
+        spec.version, {k: spec[k] for k in autoattack.STANDARD_COUNTS}
+    )
+
+
+def result_name(name: str, spec: ml_collections.ConfigDict) -> str:
+    """The name evaluator `name`'s results are reported under (metrics keys, tables):
+    "<name>_reduced" for an AutoAttack at reduced counts, else `name`."""
+    if spec.get("kind") == "autoattack" and autoattack_version(spec) == "reduced":
+        return f"{name}_reduced"
+    return name
 
 
 # kind -> builder of the evaluator's per-example correctness from its spec.
@@ -182,9 +203,15 @@ def eval_step(
     return jax.lax.psum(sums, AXIS)
 
 
-def compile_step(model: nn.Module, correct_fn: CorrectFn, mesh: Mesh) -> StepFn:
-    """jit(shard_map(eval_step)): variables replicated, batch split on "batch"."""
-    step = functools.partial(eval_step, model=model, correct_fn=correct_fn)
+def compile_step(
+    model: nn.Module, correct_fn: CorrectFn, mesh: Mesh, precision: str = "float32"
+) -> StepFn:
+    """jit(shard_map(eval_step)): variables replicated, batch split on "batch"; the model and
+    the step at `precision` (`eval_model`, `with_precision`)."""
+    model = eval_model(model, precision)
+    step = with_precision(
+        functools.partial(eval_step, model=model, correct_fn=correct_fn), precision
+    )
     return data_parallel(step, mesh, (P(), P(AXIS), P()), P())
 
 
@@ -194,18 +221,22 @@ def compile_steps(
     mesh: Mesh,
     *,
     batch_size: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, StepFn | SplitEvaluator]:
     """{"clean": step, <name>: step (or SplitEvaluator) for each evaluator}; unknown kinds raise
-    ConfigError. `batch_size`: the global batch of the split evaluators (AutoAttack)."""
-    steps: dict[str, StepFn | SplitEvaluator] = {CLEAN: compile_step(model, clean_correct, mesh)}
+    ConfigError. `batch_size`: the global batch of the split evaluators (AutoAttack);
+    `precision`: EVAL_PRECISIONS (config.eval_precision)."""
+    steps: dict[str, StepFn | SplitEvaluator] = {
+        CLEAN: compile_step(model, clean_correct, mesh, precision)
+    }
     for name, spec in specs.items():
         kind = spec.get("kind")
         if kind in EVALUATORS:
-            steps[name] = compile_step(model, EVALUATORS[kind](spec), mesh)
+            steps[name] = compile_step(model, EVALUATORS[kind](spec), mesh, precision)
         elif kind in SPLIT_EVALUATORS:
             if not batch_size:
                 raise ValueError(f"evaluator {name!r} ({kind}) needs compile_steps' batch_size")
-            steps[name] = SPLIT_EVALUATORS[kind](model, spec, mesh, batch_size)
+            steps[name] = SPLIT_EVALUATORS[kind](model, spec, mesh, batch_size, precision)
         else:
             raise ConfigError(f"evaluator {name!r}: kind={kind!r}; valid: {', '.join(KINDS)}")
     return steps
@@ -244,17 +275,24 @@ def run_evaluators(
     for name, evaluator in steps.items():
         if isinstance(evaluator, SplitEvaluator):
             r = evaluator(variables, split, np.asarray(jax.random.key_data(name_keys[name])))
-            out[f"{name}_accuracy"] = r.pop("accuracy")
+            label = result_name(name, evaluator.spec)  # "<name>_reduced": not the standard AA
+            out[f"{label}_accuracy"] = r.pop("accuracy")
             n = r.pop("num_examples")
             if n != out["num_examples"]:  # spec.num_examples: only the first n examples
-                out[f"{name}_num_examples"] = n
-            out.update({f"{name}_{k}": v for k, v in r.items()})
+                out[f"{label}_num_examples"] = n
+            out.update({f"{label}_{k}": v for k, v in r.items()})
     return out
 
 
 def selection_value(results: dict[str, float], select_by: tuple[str, ...] | list[str]) -> float:
-    """min over the evaluators `select_by` of their accuracy in `results` (run_evaluators')."""
-    return min(results[f"{name}_accuracy"] for name in select_by)
+    """min over the evaluators `select_by` of their accuracy in `results` (run_evaluators';
+    an AutoAttack at reduced counts reports as "<name>_reduced")."""
+
+    def accuracy(name: str) -> float:
+        key = f"{name}_accuracy"
+        return results[key if key in results else f"{name}_reduced_accuracy"]
+
+    return min(accuracy(name) for name in select_by)
 
 
 def improves(value: float, best: float, ties: str) -> bool:

@@ -171,12 +171,20 @@ class Setup:
         of the given {name: evaluator spec}."""
         if not isinstance(section, str):
             return evaluate.compile_steps(
-                self.model, section, self.mesh, batch_size=self.config.eval_batch_size
+                self.model,
+                section,
+                self.mesh,
+                batch_size=self.config.eval_batch_size,
+                precision=self.config.eval_precision,
             )
         if section not in self._eval_steps:
             specs = evaluate.evaluator_specs(self.config[section])
             self._eval_steps[section] = evaluate.compile_steps(
-                self.model, specs, self.mesh, batch_size=self.config.eval_batch_size
+                self.model,
+                specs,
+                self.mesh,
+                batch_size=self.config.eval_batch_size,
+                precision=self.config.eval_precision,
             )
         return self._eval_steps[section]
 
@@ -186,12 +194,16 @@ class Setup:
         variables: dict,
         split: data.Split,
         params: str | None = None,
+        step: int = 0,
     ) -> dict[str, float]:
         """config.<section>'s evaluators (or the given ones) on `variables` ({"params",
         "batch_stats"}) and `split`: {"clean_accuracy", "<evaluator>_accuracy", ..,
         "num_examples"}. `params` ("ema" / "raw"): which parameters these are; evaluators with
-        `params="best_by"` (AutoAttack) then run only on config.best_by's."""
-        key = np.asarray(jax.random.key_data(jax.random.key(self.config.seed + 1)))
+        `params="best_by"` (AutoAttack) then run only on config.best_by's. The random starts
+        come from fold_in(key(seed + 1), step): fresh ones at each validation, as the
+        reference draws."""
+        base = jax.random.key(self.config.seed + 1)
+        key = np.asarray(jax.random.key_data(jax.random.fold_in(base, step)))
         steps = self.eval_steps(section)
         if params is not None and params != self.config.best_by:
             specs = self.config[section] if isinstance(section, str) else section
@@ -212,12 +224,17 @@ class Setup:
     def evaluate_state(
         self, section: str, state: train.TrainState, split: data.Split
     ) -> dict[str, dict[str, float]]:
-        """`evaluate` of the EMA and of the raw parameters of `state`: {"ema": .., "raw": ..}.
-        The one evaluation path of training (validation) and --mode eval (test)."""
+        """`evaluate` of the EMA and of the raw parameters of `state` at its step: {"ema": ..,
+        "raw": ..}. The one evaluation path of training (validation) and --mode eval (test)."""
         chosen = {"ema": state.ema_params, "raw": state.params}
+        step = int(jax.device_get(state.step))
         return {
             name: self.evaluate(
-                section, {"params": chosen[name], "batch_stats": state.batch_stats}, split, name
+                section,
+                {"params": chosen[name], "batch_stats": state.batch_stats},
+                split,
+                name,
+                step=step,
             )
             for name in PARAMS
         }

@@ -343,7 +343,8 @@ def evaluate_workdir(
     results = {
         "checkpoint": config.init_from if imported else "best" if use_best else "last",
         "step": int(jax.device_get(state.step)),
-        "evaluators": {name: spec.to_dict() for name, spec in specs.items()},
+        "eval_precision": config.eval_precision,
+        "evaluators": {name: _spec_record(spec) for name, spec in specs.items()},
         **{f"test_{name}": r for name, r in rows.items()},
     }
     own_writer = writer is None
@@ -362,10 +363,22 @@ def evaluate_workdir(
         title = f"Test split, {results['checkpoint']} checkpoint (step {results['step']})" + (
             f", {described}" if described else ""
         )
-        print(title + "\n" + _summary_table(rows, [evaluate.CLEAN, *specs]))
+        title += f" (evaluated in {config.eval_precision})"
+        names = [evaluate.result_name(name, spec) for name, spec in specs.items()]
+        print(title + "\n" + _summary_table(rows, [evaluate.CLEAN, *names]))
     if own:
         ckpt.close()
     return results
+
+
+def _spec_record(spec: ml_collections.ConfigDict) -> dict[str, Any]:
+    """results.json's record of an evaluator: its spec; an AutoAttack's "version" is the one it
+    is reported under (evaluate.autoattack_version: "reduced" unless at the standard counts),
+    the configured one kept as "configured_version"."""
+    record = spec.to_dict()
+    if spec.kind == "autoattack":
+        record.update(version=evaluate.autoattack_version(spec), configured_version=spec.version)
+    return record
 
 
 def _describe(spec: ml_collections.ConfigDict) -> str:
@@ -373,7 +386,13 @@ def _describe(spec: ml_collections.ConfigDict) -> str:
     if spec.kind == "pgd":
         return f"PGD-{spec.num_steps} ({spec.objective}) {spec.norm} eps={spec.eps:.4g}"
     if spec.kind == "autoattack":
-        shown = spec.version if spec.version != "custom" else ", ".join(spec.attacks)
+        version = evaluate.autoattack_version(spec)
+        shown = version if version != "custom" else ", ".join(spec.attacks)
+        if version != "standard":  # the counts that make it not the standard AutoAttack
+            shown += (
+                f" (APGD {spec.apgd_iters} it., FAB {spec.fab_iters} it., {spec.targets} "
+                f"targets, Square {spec.square_queries} queries)"
+            )
         n = "" if spec.num_examples == -1 else f", first {spec.num_examples}"
         return f"AutoAttack {shown} (JAX) {spec.norm} eps={spec.eps:.4g}{n}"
     return spec.kind

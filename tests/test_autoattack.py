@@ -225,6 +225,47 @@ def test_apgd_from_the_same_start_follows_the_reference(digits_model, norm, eps)
     assert size.max() <= eps + 1e-5
 
 
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+def test_apgd_targeted_from_the_same_start_follows_the_reference(digits_model, norm, eps):
+    """APGD-T's run on the targeted DLR loss, target the second-largest clean logit, from the
+    same start as pyautoattack's APGDAttack_targeted.attack_single_run: the same breaks (one may
+    differ, as for APGD-CE)."""
+    ds, model, variables, tm = digits_model
+    x = ds.test.images[96:192].astype(np.float32) / 255.0
+    y = ds.test.labels[96:192].astype(np.int32)
+    logits_fn = lambda z: model.apply(variables, z, train=False)  # noqa: E731
+    target = np.argsort(np.asarray(logits_fn(x)), axis=1)[:, -2]
+    direction = np.random.default_rng(1).normal(0.0, 1.0, x.shape)
+    if norm == "linf":
+        direction = np.sign(direction)
+    else:
+        direction /= np.sqrt(np.sum(direction**2, axis=(1, 2, 3), keepdims=True))
+    start = np.clip(x + eps * direction, 0, 1).astype(np.float32)
+    _, robust = jax.jit(
+        lambda: autoattack.apgd_run(
+            logits_fn,
+            lambda z, labels: autoattack.dlr_loss_targeted(z, labels, jnp.asarray(target)),
+            x,
+            y,
+            jax.random.key(0),
+            eps=eps,
+            norm=norm,
+            n_iter=20,
+            x_init=start,
+        )
+    )()
+    ref = APGDAttack_targeted(tm, n_iter=20, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm],
+                              device="cpu")  # fmt: skip
+    ref.init_hyperparam(_torch(x))
+    ref.y_target = torch.from_numpy(target).long()
+    with torch.no_grad():
+        _, acc, _, _ = ref.attack_single_run(_torch(x), torch.from_numpy(y).long(), _torch(start))
+    robust, acc = np.asarray(robust), acc.numpy()
+    print(norm, "robust", acc.mean(), "differ", (robust != acc).sum())
+    assert 0.2 < acc.mean() < 0.9
+    assert (robust != acc).sum() <= 1
+
+
 def test_chunk_sizes_pad_little_and_stay_put():
     """Chunks: equal, a multiple of the device count, at most the batch, padding under an eighth
     of the batch per chunk; a stage keeps its size while the padding stays under a quarter."""
@@ -465,12 +506,18 @@ def test_tiny_wrn_random_weights_matches_reference():
     assert (np.asarray(robust) != flags.numpy()).sum() <= 1
 
 
-TINY = {"apgd-ce": dict(n_iter=5), "square": dict(n_queries=40)}
+TINY = {  # APGD-CE kept weak so that the later stages have examples to break
+    "apgd-ce": dict(n_iter=1),
+    "apgd-t": dict(n_iter=3, n_target_classes=2),
+    "fab-t": dict(n_iter=3, n_target_classes=2),
+    "square": dict(n_queries=40),
+}
 
 
 def test_four_devices_match_one_and_stages_compile_once(digits_model):
-    """Same keys, same flags on 4 devices as on 1 (example i's randomness follows its index);
-    each stage runs on two batches of one bucket size and compiles once."""
+    """Same keys, same flags on 4 devices as on 1 for every stage (example i's randomness
+    follows its index), targets and the re-gathering between them included; the first stage
+    runs on two batches of one bucket size and compiles once."""
     ds, model, variables, _ = digits_model
     split = data.Split(ds.test.images[:64], ds.test.labels[:64])
     settings = dict(eps=EPS, version="custom", attacks=list(TINY), options=TINY)
@@ -482,7 +529,7 @@ def test_four_devices_match_one_and_stages_compile_once(digits_model):
         first = autoattack.evaluate(model, variables, split, stage_fns=stage_fns, **kw)
         compiled = {k: f._cache_size() for k, f in stage_fns.items()}
         assert compiled["clean"] == compiled["apgd-ce"] == 1  # 64 and > 32 examples: 2 batches
-        assert compiled["square"] <= 1
+        assert max(compiled["apgd-t"], compiled["fab-t"], compiled["square"]) <= 2
         again = autoattack.evaluate(model, variables, split, stage_fns=stage_fns, **kw)
         assert {k: f._cache_size() for k, f in stage_fns.items()} == compiled
         rates = [s["robust_accuracy"] for s in first["stages"]]
@@ -494,7 +541,10 @@ def test_four_devices_match_one_and_stages_compile_once(digits_model):
         s["robust_accuracy"] for s in one["stages"]
     ]
     assert four["num_examples"] == one["num_examples"] == 64
-    assert four["robust_accuracy"] < four["clean_accuracy"]
+    assert [s["attack"] for s in four["stages"]] == list(autoattack.ATTACKS)
+    rates = [one["clean_accuracy"], *(s["robust_accuracy"] for s in one["stages"])]
+    print("clean and per stage", rates)
+    assert four["robust_accuracy"] < four["stages"][0]["robust_accuracy"] < four["clean_accuracy"]
 
 
 def test_bad_settings_name_the_field(digits_model):
@@ -535,3 +585,208 @@ def test_benchmark_harness_writes_complete_json(tmp_path):
         assert saved[side]["clean_accuracy"] >= saved[side]["robust_accuracy"]
     assert saved["jax"]["num_examples"] == 16
     assert saved["speedup_jax_over_torch"] == result["speedup_jax_over_torch"] > 0
+
+
+# ---------------------------------------------------------------- every break verified
+
+
+def test_verify_breaks_checks_prediction_ball_and_box():
+    """A break counts only if f(x_adv) is wrong, ||x_adv - x|| <= eps (float32 slack of order
+    1e-6 relative) and x_adv in [0, 1]; flagged breaks failing that are marked bad."""
+    x = np.full((6, 2, 2, 1), 0.5, np.float32)
+    eps = 0.1
+    step = np.zeros_like(x)
+    step[:, 0, 0, 0] = [eps, eps, 1.001 * eps, eps, 0.0, eps]  # example 2 leaves the ball
+    x_adv = x + step
+    x_adv[3, 1, 1, 0] = 1.5  # example 3 leaves the box
+    labels = np.zeros((6,), np.int32)
+    # Misclassified (class 1) iff pixel (0, 0) moved; example 4 did not move.
+    logits_fn = lambda z: jnp.stack([0.55 - z[:, 0, 0, 0], z[:, 0, 0, 0] - 0.55], -1)  # noqa: E731
+    robust = np.array([False, True, False, False, False, False])  # the attack's flags
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # example 5 is padding
+    for norm in ("linf", "l2"):
+        flags, bad = autoattack.verify_breaks(
+            logits_fn, x, x_adv, labels, robust, mask, eps=eps, norm=norm
+        )
+        np.testing.assert_array_equal(flags, [False, False, True, True, True, False])
+        np.testing.assert_array_equal(bad, [False, False, True, True, True, False])
+    # On the ball's edge as float32 rounds it: accepted, 1e-5 relative beyond: rejected.
+    edge = x + np.float32(eps)
+    for scale, want_bad in ((1.0, False), (1 + 1e-5, True)):
+        x_edge = x + np.float32(eps * scale)
+        _, bad = autoattack.verify_breaks(
+            logits_fn, x, x_edge, labels, np.zeros(6, bool), np.ones(6), eps=eps, norm="linf"
+        )
+        assert bad.all() == want_bad and bad.any() == want_bad, scale
+    assert np.abs(edge - x).max() != eps  # float32 x + eps - x is not eps exactly
+
+
+@pytest.mark.parametrize("wrong", ["apgd-t", "square"])
+def test_an_attack_stepping_outside_eps_raises(digits_model, monkeypatch, wrong):
+    """A deliberately wrong stage (its points pushed 3 eps away, still flagged) stops the
+    evaluation with an error naming it; the stages before it ran."""
+    from score_jax.autoattack import suite
+
+    ds, model, variables, _ = digits_model
+    split = data.Split(ds.test.images[:32], ds.test.labels[:32])
+    real = suite.run_attack
+
+    def run_attack(name, logits_fn, x, labels, key, **kw):
+        x_adv, robust = real(name, logits_fn, x, labels, key, **kw)
+        if name == wrong:  # every point flagged broken, moved outside the ball
+            return jnp.clip(x + 3 * kw["eps"] * jnp.sign(x_adv - x + 1e-3), 0, 1), robust & False
+        return x_adv, robust
+
+    monkeypatch.setattr(suite, "run_attack", run_attack)
+    options = {"apgd-ce": dict(n_iter=5), "apgd-t": dict(n_iter=3, n_target_classes=1),
+               "square": dict(n_queries=10)}  # fmt: skip
+    with pytest.raises(RuntimeError, match=rf"AutoAttack {wrong}: \d+ examples .* flagged broken"):
+        autoattack.evaluate(
+            model, variables, split, eps=EPS, version="custom", attacks=list(options),
+            options=options, batch_size=32, mesh=train.make_mesh(jax.devices()[:1]),
+            key=train.base_key(0),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- parity on an adversarially
+# trained model, where the later stages matter
+
+
+AT_EPS = {"linf": EPS, "l2": 0.5}
+# APGD kept weak (both sides alike) so that FAB-T has examples to break: on this model the full
+# counts leave FAB-T and Square nothing (83.6% after APGD-CE and after every later stage, on
+# both sides, 360 examples, 10 iterations).
+AT_SETTINGS = {
+    "apgd-ce": dict(n_iter=1),
+    "apgd-t": dict(n_iter=1, n_target_classes=2),
+    "fab-t": dict(n_iter=10, n_target_classes=2),
+    "square": dict(n_queries=100),
+}
+N_AT = 240
+
+
+@pytest.fixture(scope="module")
+def trades_digits_model(digits_model):
+    """The digits CNN trained 200 TRADES-SE steps (beta 6, PGD-5 at Linf 0.1 on the SE between
+    clean and adversarial softmax, BatchNorm in eval mode in the attack), and its export."""
+    ds, model, _, _ = digits_model
+    x = ds.train.images.astype(np.float32) / 255.0
+    y = ds.train.labels.astype(np.int32)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, stats, opt_state, xb, yb, key):
+        def probs(p, z):
+            return jax.nn.softmax(model.apply({"params": p, "batch_stats": stats}, z, train=False))
+
+        p_clean = jax.lax.stop_gradient(probs(params, xb))
+        objective = lambda z: jnp.sum(jnp.square(probs(params, z) - p_clean), -1)  # noqa: E731
+        x_adv = attacks.pgd(objective, xb, key, eps=EPS, step_size=EPS / 4, num_steps=5)
+
+        def loss(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats},
+                jnp.concatenate([xb, x_adv]),
+                train=True,
+                mutable=["batch_stats"],
+            )
+            pc, pa = jnp.split(jax.nn.softmax(logits), 2)
+            se = jnp.sum(jnp.square(pc - jax.nn.one_hot(yb, 10)), -1)
+            return jnp.mean(se + 6.0 * jnp.sum(jnp.square(pc - pa), -1)), upd
+
+        (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
+
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = opt.init(params)
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        idx = rng.integers(0, len(y), 64)
+        params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx], jax.random.key(i))
+    variables = {"params": params, "batch_stats": stats}
+    tm = build_torch_model("small-cnn", 10, mean=ds.mean, std=ds.std, **DIGITS_KW)
+    tm.load_state_dict(export_state_dict("small-cnn", variables), strict=True)
+    tm.eval()
+    return ds, model, variables, tm
+
+
+def _ref_counts(tm, x, y, *, eps, norm) -> list[int]:
+    """pyautoattack's run_standard_evaluation at AT_SETTINGS: robust counts, clean then after
+    each stage (from its log lines)."""
+    ref_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    kw = dict(eps=eps, norm=ref_norm, device="cpu", seed=0)
+    adversary = AutoAttack(tm, norm=ref_norm, eps=eps, version="standard", seed=0, device="cpu")
+    adversary.apgd = APGDAttack(tm, n_restarts=1, **AT_SETTINGS["apgd-ce"], **kw)
+    adversary.apgd_targeted = APGDAttack_targeted(tm, n_restarts=1, **AT_SETTINGS["apgd-t"], **kw)
+    adversary.fab = FABAttack_PT(tm, n_restarts=1, **AT_SETTINGS["fab-t"], **kw)
+    adversary.square = SquareAttack(
+        tm, p_init=0.8, resc_schedule=False, **AT_SETTINGS["square"], **kw
+    )
+    log = []
+
+    class Capture:
+        def debug(self, msg, *a):
+            log.append(msg % a if a else msg)
+
+        info = warning = debug
+
+    adversary.logger = Capture()
+    adversary.run_standard_evaluation(_torch(x), torch.from_numpy(y).long(), batch_size=len(y))
+    rates = [
+        float(line.split()[-5 if line.startswith("robust") else 2].rstrip("%")) / 100.0
+        for line in log
+        if line.startswith(("initial accuracy: ", "robust accuracy after "))
+    ]
+    assert len(rates) == 1 + len(autoattack.ATTACKS), log
+    return [round(r * len(y)) for r in rates]
+
+
+def _jax_counts(model, variables, split, *, eps, norm, attacks) -> list[int]:
+    """The JAX suite at AT_SETTINGS with `attacks` (a stage left out repeats the count before)."""
+    options = {a: AT_SETTINGS[a] for a in attacks}
+    out = autoattack.evaluate(
+        model, variables, split, eps=eps, norm=norm, version="custom", attacks=list(attacks),
+        options=options, batch_size=len(split), mesh=train.make_mesh(jax.devices()[:1]),
+        key=train.base_key(0),
+    )  # fmt: skip
+    got = {s["attack"]: round(s["robust_accuracy"] * len(split)) for s in out["stages"]}
+    counts = [round(out["clean_accuracy"] * len(split))]
+    for name in autoattack.ATTACKS:
+        counts.append(got.get(name, counts[-1]))
+    return counts
+
+
+def _stage_parity(ours: list[int], ref: list[int], n: int) -> list[str]:
+    """What differs beyond sampling noise: the robust count after each stage (within 2% of the
+    examples) and each stage's own count of newly broken examples (within 2 sqrt(count) + 2)."""
+    bad = []
+    for i, name in enumerate(autoattack.ATTACKS, start=1):
+        if abs(ours[i] - ref[i]) > 0.02 * n:
+            bad.append(f"{name}: robust {ours[i]} vs {ref[i]}")
+        mine, theirs = ours[i - 1] - ours[i], ref[i - 1] - ref[i]
+        if abs(mine - theirs) > 2 * np.sqrt(max(mine, theirs)) + 2:
+            bad.append(f"{name}: broke {mine} vs {theirs}")
+    return bad
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_stages_match_pyautoattack_on_an_adversarially_trained_model(trades_digits_model, norm):
+    """Per stage, robust counts and each stage's newly broken examples as pyautoattack's on the
+    same TRADES-SE weights; the same comparison without FAB-T on the JAX side fails (the test
+    tells a stage that does nothing)."""
+    ds, model, variables, tm = trades_digits_model
+    split = data.Split(ds.test.images[:N_AT], ds.test.labels[:N_AT])
+    x, y = split.images.astype(np.float32) / 255.0, split.labels.astype(np.int32)
+    eps = AT_EPS[norm]
+    ref = _ref_counts(tm, x, y, eps=eps, norm=norm)
+    ours = _jax_counts(model, variables, split, eps=eps, norm=norm, attacks=autoattack.ATTACKS)
+    print(norm, "robust counts, clean then per stage: jax", ours, "pyautoattack", ref)
+    assert ours[0] == ref[0]
+    assert not _stage_parity(ours, ref, N_AT), (ours, ref)
+    assert ref[2] - ref[3] >= 5  # FAB-T breaks examples after APGD-T: a stage that matters
+    no_fab = _jax_counts(
+        model, variables, split, eps=eps, norm=norm, attacks=("apgd-ce", "apgd-t", "square")
+    )
+    assert _stage_parity(no_fab, ref, N_AT), (no_fab, ref)

@@ -9,7 +9,9 @@ in [0, 1]; every attack returns (x_adv, robust) with per-example flags):
           `projection_linf` / `projection_l2`
   square  the Square attack (`square_attack`, 5000 queries, p_init 0.8) and its `window_fraction`
   suite   the "standard" version in sequence, each stage on the still-robust examples, over a
-          1-D device mesh ("batch"): `evaluate`, `make_stage_fns`, `run_attack`
+          1-D device mesh ("batch"), every break re-checked on the returned point: `evaluate`,
+          `make_stage_fns`, `run_attack`, `verify_breaks`, `reported_version` ("standard" only
+          at STANDARD_COUNTS, else "reduced")
 
 Defaults are pyautoattack's AutoAttack(version="standard") settings, Linf and L2. Each module's
 docstring states the algorithm and where static shapes force a difference from the reference.
@@ -27,14 +29,18 @@ from score_jax.autoattack.fab import fab_targeted, projection_l2, projection_lin
 from score_jax.autoattack.square import square_attack, window_fraction, window_size
 from score_jax.autoattack.suite import (
     ATTACKS,
+    STANDARD_COUNTS,
     evaluate,
     make_stage_fns,
+    reported_version,
     resolve_attacks,
     run_attack,
+    verify_breaks,
 )
 
 __all__ = [
     "ATTACKS",
+    "STANDARD_COUNTS",
     "apgd_ce",
     "apgd_run",
     "apgd_targeted",
@@ -46,9 +52,11 @@ __all__ = [
     "make_stage_fns",
     "projection_l2",
     "projection_linf",
+    "reported_version",
     "resolve_attacks",
     "run_attack",
     "square_attack",
+    "verify_breaks",
     "window_fraction",
     "window_size",
 ]

@@ -33,6 +33,7 @@ from score_jax import data
 from score_jax.autoattack import apgd, fab, square
 from score_jax.errors import ConfigError
 from score_jax.parallel import AXIS, data_parallel, shard_batch
+from score_jax.precision import eval_model, with_precision
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -42,6 +43,16 @@ TARGETED = ("apgd-t", "fab-t")  # run one target class per call, re-gathered in 
 DEFAULT_TARGETS = 9
 VERSIONS = {"standard": ATTACKS}
 NORMS = ("linf", "l2")
+# AutoAttack "standard" (pyautoattack's set_version("standard")): these counts, one restart.
+STANDARD_COUNTS = {"apgd_iters": 100, "fab_iters": 100, "targets": 9, "square_queries": 5000}
+
+
+def reported_version(version: str, counts: dict[str, int]) -> str:
+    """The version a result is reported under: "standard" only with STANDARD_COUNTS; version
+    "standard" with other counts is "reduced"; "custom" stays "custom"."""
+    if version == "standard" and any(counts[k] != v for k, v in STANDARD_COUNTS.items()):
+        return "reduced"
+    return version
 
 
 def run_attack(
@@ -90,6 +101,43 @@ def resolve_attacks(version: str, attacks) -> tuple[str, ...]:
     return VERSIONS[version]
 
 
+# ||x_adv - x|| <= eps * (1 + BALL_RTOL) + BALL_ATOL: float32 rounding of x_adv - x (an ulp of a
+# pixel near 1 is 1.2e-7) and of the L2 sum.
+BALL_RTOL = 1e-6
+BALL_ATOL = 2.5e-7
+
+
+def perturbation_size(x_adv: Array, x: Array, norm: str) -> Array:
+    """Per example ||x_adv - x||_inf (norm "linf") or ||x_adv - x||_2 ("l2")."""
+    delta = (x_adv - x).reshape(x.shape[0], -1)
+    if norm == "linf":
+        return jnp.max(jnp.abs(delta), axis=1)
+    return jnp.sqrt(jnp.sum(jnp.square(delta), axis=1))
+
+
+def verify_breaks(
+    logits_fn: LogitsFn,
+    x: Array,
+    x_adv: Array,
+    labels: Array,
+    robust: Array,
+    mask: Array,
+    *,
+    eps: float,
+    norm: str,
+) -> tuple[Array, Array]:
+    """(robust, bad): an example is broken only if argmax f(x_adv) != y, ||x_adv - x|| <= eps
+    (BALL_RTOL / BALL_ATOL) and x_adv in [0, 1], f re-evaluated on the returned points; `bad`
+    marks the examples the attack flagged broken (robust False) that fail this: a bug."""
+    valid = (
+        (jnp.argmax(logits_fn(x_adv), axis=-1) != labels)
+        & (perturbation_size(x_adv, x, norm) <= eps * (1 + BALL_RTOL) + BALL_ATOL)
+        & jnp.all((x_adv >= 0.0) & (x_adv <= 1.0), axis=tuple(range(1, x.ndim)))
+    )
+    live = mask > 0
+    return live & ~valid, live & ~robust & ~valid
+
+
 def _stage_step(variables, batch, target_index=None, *, model, name, eps, norm, options):
     x = batch["image"].astype(jnp.float32) / 255.0
     if target_index is not None:
@@ -101,16 +149,19 @@ def _stage_step(variables, batch, target_index=None, *, model, name, eps, norm, 
         return model.apply(variables, inputs, train=False)
 
     keys = jax.random.wrap_key_data(batch["key"])
-    _, robust = run_attack(
+    x_adv, robust = run_attack(
         name, logits_fn, x, batch["label"], keys, eps=eps, norm=norm, mask=batch["mask"], **options
     )
-    return robust
+    return verify_breaks(
+        logits_fn, x, x_adv, batch["label"], robust, batch["mask"], eps=eps, norm=norm
+    )
 
 
 def _clean_step(variables, batch, *, model):
     x = batch["image"].astype(jnp.float32) / 255.0
     logits = model.apply(variables, x, train=False)
-    return (jnp.argmax(logits, axis=-1) == batch["label"]) & (batch["mask"] > 0)
+    correct = (jnp.argmax(logits, axis=-1) == batch["label"]) & (batch["mask"] > 0)
+    return correct, jnp.zeros_like(correct)
 
 
 def make_stage_fns(
@@ -122,11 +173,14 @@ def make_stage_fns(
     version: str = "standard",
     attacks=None,
     options: dict[str, dict] | None = None,
+    precision: str = "float32",
 ) -> dict[str, Callable]:
     """{"clean": fn, attack: fn, ...}: jit(shard_map(...)) of each stage, mapping (variables,
-    batch with image/label/mask/key) to per-example robust flags; the TARGETED stages take a
-    third argument, the index of the target class to run, and carry `n_targets`. Reuse them
-    across calls of `evaluate` so that nothing recompiles."""
+    batch with image/label/mask/key) to per-example (robust, bad) flags (`verify_breaks`); the
+    TARGETED stages take a third argument, the index of the target class to run, and carry
+    `n_targets`. `precision`: precision.EVAL_PRECISIONS ("float32": the model's float32 copy at
+    the highest matmul precision). Reuse them across calls of `evaluate` so that nothing
+    recompiles."""
     if norm not in NORMS:
         raise ConfigError(f"autoattack norm must be one of {NORMS}, got {norm!r}")
     if eps <= 0:
@@ -137,9 +191,12 @@ def make_stage_fns(
     if bad:
         raise ConfigError(f"autoattack options for attacks not run: {bad}")
 
+    model = eval_model(model, precision)
+
     def wrap(fn, targeted=False):
         in_specs = (P(), P(AXIS), P()) if targeted else (P(), P(AXIS))
-        return data_parallel(fn, mesh, in_specs, P(AXIS))
+        fn = with_precision(fn, precision)
+        return data_parallel(fn, mesh, in_specs, (P(AXIS), P(AXIS)))
 
     fns = {"clean": wrap(functools.partial(_clean_step, model=model))}
     for name in names:
@@ -152,6 +209,7 @@ def make_stage_fns(
             options=dict(options.get(name, {})),
         )
         fns[name] = wrap(step, targeted=name in TARGETED)
+        fns[name].attack = name
         if name in TARGETED:
             fns[name].n_targets = options.get(name, {}).get("n_target_classes", DEFAULT_TARGETS)
     return fns
@@ -180,7 +238,8 @@ def _example_keys(key: np.ndarray, stage: int, index: np.ndarray) -> np.ndarray:
 
 def _run_on(fn, variables, split, index, size, mesh, key, stage, *args) -> np.ndarray:
     """Robust flags of fn(variables, batch, *args) on split[index], in chunks of `size` rows
-    (the last one padded)."""
+    (the last one padded). A flagged break that `verify_breaks` rejects raises (a bug of the
+    attack, named by `fn.attack`)."""
     out = np.zeros((len(index),), bool)
     for start in range(0, len(index), size):
         idx = index[start : start + size]
@@ -195,7 +254,14 @@ def _run_on(fn, variables, split, index, size, mesh, key, stage, *args) -> np.nd
             "mask": np.concatenate([np.ones((len(idx),)), np.zeros((pad,))]).astype(np.float32),
             "key": _example_keys(key, stage, np.concatenate([idx, np.zeros((pad,), idx.dtype)])),
         }
-        flags = fn(variables, _local(batch, mesh), *args)
+        flags, bad = fn(variables, _local(batch, mesh), *args)
+        bad = _global_flags(bad)[: len(idx)]
+        if bad.any():
+            raise RuntimeError(
+                f"AutoAttack {getattr(fn, 'attack', '?')}: {int(bad.sum())} examples (split "
+                f"indices {idx[bad][:8].tolist()}) flagged broken are not: the model classifies "
+                "the returned point correctly, or it lies outside the eps ball or [0, 1]"
+            )
         out[start : start + len(idx)] = _global_flags(flags)[: len(idx)]
     return out
 
@@ -232,6 +298,7 @@ def evaluate(
     num_examples: int = -1,
     options: dict[str, dict] | None = None,
     stage_fns: dict[str, Callable] | None = None,
+    precision: str = "float32",
 ) -> dict:
     """AutoAttack robust accuracy of `variables` on the first `num_examples` of `split` (-1: all).
 
@@ -239,7 +306,9 @@ def evaluate(
     "seconds"}, ...], "num_examples"}. Multi-process runs: every process holds the whole split
     and passes its rows of each global batch; the robust flags are gathered on every host.
     `key` is raw PRNG key data (`parallel.base_key`). `stage_fns` (from `make_stage_fns`, whose
-    eps, norm and options are then the ones that run) skips compiling again.
+    eps, norm, options and precision are then the ones that run) skips compiling again. Every
+    stage counts an example as broken only once `verify_breaks` confirms it on the returned
+    point (a flagged break it rejects raises RuntimeError naming the attack).
     """
     names = resolve_attacks(version, attacks)
     devices = mesh.devices.size
@@ -251,7 +320,14 @@ def evaluate(
         raise ConfigError(f"autoattack num_examples={num_examples}: -1 (all) or > 0")
     if stage_fns is None:
         stage_fns = make_stage_fns(
-            model, eps=eps, norm=norm, mesh=mesh, version=version, attacks=attacks, options=options
+            model,
+            eps=eps,
+            norm=norm,
+            mesh=mesh,
+            version=version,
+            attacks=attacks,
+            options=options,
+            precision=precision,
         )
     missing = [k for k in ("clean", *names) if k not in stage_fns]
     if missing:

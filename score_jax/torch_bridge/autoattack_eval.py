@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import torch
 
-from score_jax import autoattack, checkpoint, data, workdir_io
+from score_jax import autoattack, checkpoint, data, evaluate, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
 from score_jax.setup import Setup
 from score_jax.torch_bridge import convert, export
@@ -33,8 +33,8 @@ SPEC = "config.test.autoattack"
 
 def autoattack_spec(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """config.test.autoattack, the one AutoAttack spec: the JAX evaluator's after training and
-    --mode autoattack's (version, attacks, num_examples, eps, norm; pyautoattack keeps its own
-    iteration counts, the reference's)."""
+    --mode autoattack's (version, attacks, num_examples, eps, norm and the counts apgd_iters,
+    fab_iters, targets, square_queries, on both sides)."""
     spec = config.test.get("autoattack")
     if not isinstance(spec, ml_collections.ConfigDict) or spec.get("kind") != "autoattack":
         raise ConfigError(f"{SPEC} must be an 'autoattack' evaluator for --mode autoattack")
@@ -79,6 +79,38 @@ def _autoattack_log_to_stdout() -> Iterator[None]:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
         sys.stdout.flush()
+
+
+def reference_adversary(
+    model: torch.nn.Module,
+    aa: ml_collections.ConfigDict,
+    attacks: list[str],
+    *,
+    seed: int,
+    device,
+):
+    """pyautoattack's AutoAttack running what the JAX suite runs for spec `aa`: its version's
+    (or `attacks`') list, one restart per attack, and the spec's counts (apgd_iters for APGD-CE
+    and APGD-T, fab_iters, targets for APGD-T and FAB-T, square_queries): the standard ones
+    unless the spec lowers them (then both sides report "reduced")."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(
+        model,
+        norm=NORMS[aa.norm],
+        eps=float(aa.eps),
+        version=aa.version,
+        attacks=attacks or None,
+        seed=seed,
+        device=device,
+    )
+    for attack in (adversary.apgd, adversary.apgd_targeted):
+        attack.n_iter, attack.n_restarts = int(aa.apgd_iters), 1
+    adversary.apgd_targeted.n_target_classes = int(aa.targets)
+    adversary.fab.n_iter, adversary.fab.n_restarts = int(aa.fab_iters), 1
+    adversary.fab.n_target_classes = int(aa.targets)
+    adversary.square.n_queries, adversary.square.n_restarts = int(aa.square_queries), 1
+    return adversary
 
 
 def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
@@ -140,9 +172,8 @@ def run_autoattack(
 ) -> dict[str, Any]:
     """AutoAttack and JAX PGD-20 accuracy on the first config.test.autoattack.num_examples test
     examples, of <workdir>/export (exported first, with `params`, if missing; "auto":
-    config.best_by, the parameters selection used)."""
-    from pyautoattack import AutoAttack
-
+    config.best_by, the parameters selection used); pyautoattack at the spec's settings
+    (`reference_adversary`)."""
     if jax.process_count() > 1:
         raise ConfigError(
             "--mode autoattack runs in a single process: start it without --distributed / "
@@ -188,18 +219,11 @@ def run_autoattack(
 
     clean = (_predict(model, x, batch_size, device) == y).float().mean().item()
     norm, eps = NORMS[aa.norm], float(aa.eps)
-    adversary = AutoAttack(
-        model,
-        norm=norm,
-        eps=eps,
-        version=aa.version,
-        attacks=attacks or None,
-        seed=int(config.seed),
-        device=device,
-    )
+    adversary = reference_adversary(model, aa, attacks, seed=int(config.seed), device=device)
     used = list(adversary.attacks_to_run)
+    version = evaluate.autoattack_version(aa)
     print(
-        f"AutoAttack ({aa.version}: {', '.join(used)}) {norm} eps={eps:.4g} on {n} test examples "
+        f"AutoAttack ({version}: {', '.join(used)}) {norm} eps={eps:.4g} on {n} test examples "
         f"of {meta['architecture']} ({meta['params']} params, step {meta['step']}), {device}",
         flush=True,
     )
@@ -219,8 +243,9 @@ def run_autoattack(
         "num_examples": n,
         "eps": eps,
         "norm": norm,
-        "version": aa.version,
+        "version": version,
         "attacks": used,
+        "counts": {k: int(aa[k]) for k in autoattack.STANDARD_COUNTS},
         "clean_accuracy": clean,
         "robust_accuracy": robust,
         "seconds": seconds,
