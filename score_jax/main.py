@@ -55,9 +55,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
-    # A full disk: orbax logs the error with its traceback from each of its threads; the one
-    # line below (`no space left ...`) reports it instead.
-    logging.get_absl_handler().addFilter(_drop_no_space_records)
+    workdir_io.quiet_failed_writes(logging.get_absl_handler())
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Cross-process collectives between CPU devices (accelerators use their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -106,16 +104,6 @@ def main(argv: list[str]) -> None:
             "stopped: its last complete checkpoint is kept, run the same command again once the "
             "storage is back"
         )
-
-
-def _drop_no_space_records(record) -> bool:
-    """logging filter: False (drop) for a record of a full-disk error."""
-    error = record.exc_info[1] if record.exc_info else None
-    text = record.getMessage() if isinstance(record.msg, str) else ""
-    return not (
-        (error is not None and workdir_io.is_no_space_error(error))
-        or "No space left on device" in text
-    )
 
 
 def _no_space_detail(error: BaseException) -> str:

@@ -30,6 +30,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging as logging_
 import os
 import re
 import shutil
@@ -217,6 +218,36 @@ def is_no_space_error(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _no_space_record(record: logging_.LogRecord) -> bool:
+    """Whether a log record reports a full-disk error."""
+    error = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage() if isinstance(record.msg, str) else ""
+    return (error is not None and is_no_space_error(error)) or "No space left on device" in text
+
+
+def _closed_loop_unraisable(unraisable) -> bool:
+    """Whether an unraisable exception is tensorstore's callback of a failed write finding the
+    asyncio loop of orbax's save already closed."""
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def quiet_failed_writes(handler: logging_.Handler) -> None:
+    """Silences the echoes of a failed checkpoint write, which the run reports in one line
+    (`no space left ...`): orbax's log records of a full disk (with a traceback from each of
+    its threads) on `handler`, and the "Event loop is closed" tracebacks tensorstore prints
+    (as unraisable exceptions) for each write still completing after orbax closed its save's
+    event loop. Every other record and unraisable exception passes."""
+    handler.addFilter(lambda record: not _no_space_record(record))
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _closed_loop_unraisable(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def is_remote(path: PathLike) -> bool:
