@@ -166,6 +166,21 @@ def bench_setup(
     return Setup(config, dataset=dataset, mesh=mesh)
 
 
+def train_setup(args) -> Setup:
+    """The Setup of a train-step benchmark's flags (model, batch, loss, dtype, conv_impl,
+    attack_steps, image_size, devices) on synthetic data of max(4 batches, 256) images."""
+    config = make_config(
+        args.model,
+        args.batch,
+        args.loss,
+        dtype=args.dtype,
+        conv_impl=args.conv_impl,
+        attack_steps=args.attack_steps,
+    )
+    dataset = synthetic_dataset(args.image_size, max(4 * args.batch, 256))
+    return bench_setup(config, dataset, args.devices)
+
+
 def device_key(setup: Setup) -> jax.Array:
     """The run's base key, replicated on the mesh (the train step's third argument)."""
     return jax.device_put(setup.key, NamedSharding(setup.mesh, P()))

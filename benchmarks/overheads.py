@@ -157,16 +157,7 @@ def measure_checksums(state: Any, saves: int, workdir: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = common.make_config(
-        args.model,
-        args.batch,
-        args.loss,
-        dtype=args.dtype,
-        conv_impl=args.conv_impl,
-        attack_steps=args.attack_steps,
-    )
-    dataset = common.synthetic_dataset(args.image_size, max(4 * args.batch, 256))
-    setup = common.bench_setup(config, dataset, args.devices)
+    setup = common.train_setup(args)
     state = setup.initial_state()
     result: dict[str, Any] = common.result_header("overheads", args)
     result["num_params"] = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))

@@ -105,16 +105,8 @@ def markdown_row(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = common.make_config(
-        args.model,
-        args.batch,
-        args.loss,
-        dtype=args.dtype,
-        conv_impl=args.conv_impl,
-        attack_steps=args.attack_steps,
-    )
-    dataset = common.synthetic_dataset(args.image_size, max(4 * args.batch, 256))
-    setup = common.bench_setup(config, dataset, args.devices)
+    setup = common.train_setup(args)
+    config = setup.config
     state = setup.initial_state()
     host_batch = setup.batcher.batch(0)
     batch = train.shard_batch(host_batch, setup.mesh)

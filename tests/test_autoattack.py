@@ -21,8 +21,9 @@ from pyautoattack.fab_projections import projection_l2 as ref_projection_l2  # n
 from pyautoattack.fab_projections import projection_linf as ref_projection_linf  # noqa: E402
 from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
 from pyautoattack.square import SquareAttack  # noqa: E402
+from tiny_training import train_adam  # noqa: E402
 
-from score_jax import attacks, autoattack, data, models, train  # noqa: E402
+from score_jax import attacks, autoattack, data, losses, models, train  # noqa: E402
 from score_jax.data import digits  # noqa: E402
 from score_jax.models.random_weights import random_variables  # noqa: E402
 from score_jax.torch_bridge.convert import export_state_dict  # noqa: E402
@@ -43,27 +44,16 @@ def digits_model():
     x = ds.train.images.astype(np.float32) / 255.0
     y = ds.train.labels.astype(np.int32)
     variables = model.init(jax.random.key(0), x[:1], train=False)
-    opt = optax.adam(3e-3)
 
-    @jax.jit
-    def step(params, stats, opt_state, xb, yb):
-        def loss(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean(), upd
+    def loss(params, stats, xb, yb, key):
+        del key
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        return ce, upd["batch_stats"]
 
-        (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = opt.init(params)
-    rng = np.random.default_rng(0)
-    for _ in range(250):
-        idx = rng.integers(0, len(y), 64)
-        params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx])
-    variables = {"params": params, "batch_stats": stats}
+    variables = train_adam(variables, x, y, loss, 250)
     tm = build_torch_model("small-cnn", 10, mean=ds.mean, std=ds.std, **DIGITS_KW)
     tm.load_state_dict(export_state_dict("small-cnn", variables), strict=True)
     tm.eval()
@@ -673,39 +663,24 @@ def trades_digits_model(digits_model):
     x = ds.train.images.astype(np.float32) / 255.0
     y = ds.train.labels.astype(np.int32)
     variables = model.init(jax.random.key(0), x[:1], train=False)
-    opt = optax.adam(3e-3)
 
-    @jax.jit
-    def step(params, stats, opt_state, xb, yb, key):
-        def probs(p, z):
-            return jax.nn.softmax(model.apply({"params": p, "batch_stats": stats}, z, train=False))
-
-        p_clean = jax.lax.stop_gradient(probs(params, xb))
-        objective = lambda z: jnp.sum(jnp.square(probs(params, z) - p_clean), -1)  # noqa: E731
+    def loss(params, stats, xb, yb, key):
+        frozen = {"params": jax.lax.stop_gradient(params), "batch_stats": stats}
+        logits_fn = lambda z: model.apply(frozen, z, train=False)  # noqa: E731
+        objective = attacks.trades_objective(logits_fn, jax.nn.softmax(logits_fn(xb)), kind="se")
         x_adv = attacks.pgd(objective, xb, key, eps=EPS, step_size=EPS / 4, num_steps=5)
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": stats},
+            jnp.concatenate([xb, x_adv]),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        logits_nat, logits_adv = jnp.split(logits, 2)
+        return losses.trades_loss(logits_nat, logits_adv, yb, beta=6.0, kind="se"), upd[
+            "batch_stats"
+        ]
 
-        def loss(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats},
-                jnp.concatenate([xb, x_adv]),
-                train=True,
-                mutable=["batch_stats"],
-            )
-            pc, pa = jnp.split(jax.nn.softmax(logits), 2)
-            se = jnp.sum(jnp.square(pc - jax.nn.one_hot(yb, 10)), -1)
-            return jnp.mean(se + 6.0 * jnp.sum(jnp.square(pc - pa), -1)), upd
-
-        (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = opt.init(params)
-    rng = np.random.default_rng(0)
-    for i in range(200):
-        idx = rng.integers(0, len(y), 64)
-        params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx], jax.random.key(i))
-    variables = {"params": params, "batch_stats": stats}
+    variables = train_adam(variables, x, y, loss, 200)
     tm = build_torch_model("small-cnn", 10, mean=ds.mean, std=ds.std, **DIGITS_KW)
     tm.load_state_dict(export_state_dict("small-cnn", variables), strict=True)
     tm.eval()

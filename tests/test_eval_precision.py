@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from tiny_training import train_adam
 
 from score_jax import config_lib, data, evaluate, models, precision, setup, train, trainer
 from score_jax.data import digits
@@ -45,29 +46,18 @@ def bf16_trained():
     x = ds.train.images.astype(np.float32) / 255.0
     y = ds.train.labels.astype(np.int32)
     variables = model.init(jax.random.key(0), x[:1], train=False)
-    opt = optax.adam(3e-3)
 
-    @jax.jit
-    def step(params, stats, opt_state, xb, yb):
-        def loss(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
-            )
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
-            return ce.mean(), upd
+    def loss(params, stats, xb, yb, key):
+        del key
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
+        return ce.mean(), upd["batch_stats"]
 
-        (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state
-
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = opt.init(params)
-    rng = np.random.default_rng(0)
-    for _ in range(100):
-        idx = rng.integers(0, len(y), 64)
-        params, stats, opt_state = step(params, stats, opt_state, x[idx], y[idx])
+    variables = train_adam(variables, x, y, loss, 100)
     f32 = models.get_model("small-cnn", 10, mean=ds.mean, std=ds.std, dtype=jnp.float32, **KW)
-    return ds, model, f32, {"params": params, "batch_stats": stats}
+    return ds, model, f32, variables
 
 
 def test_bf16_model_evaluates_as_its_float32_copy(bf16_trained):
