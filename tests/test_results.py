@@ -268,8 +268,9 @@ def test_runs_in_a_bucket_and_local_ones_in_one_table(tmp_path, capsys, gcs_buck
     from tensorboardX import SummaryWriter
 
     dirs = _runs(tmp_path)
+    before = time.time()  # the writer's first event is stamped at or after this
     writer = SummaryWriter(os.path.join(dirs[0], "tensorboard"))
-    writer.add_scalar("train/loss", 1.0, 10, walltime=time.time() + 50.0)
+    writer.add_scalar("train/loss", 1.0, 10, walltime=before + 50.0)
     writer.close()
     results.main(dirs)
     local = {os.path.basename(r["run"]): r for r in _markdown_rows(capsys.readouterr().out)}
