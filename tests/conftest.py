@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One intra-op thread for torch (and BLAS) per test process: `-n 2` runs two workers on two
+# cores, and pyautoattack's many tiny forward passes slowed several-fold when each worker's torch
+# spread over both cores (the subprocesses the tests start inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # One persistent compilation cache per test session, shared with the CLI subprocesses the tests
 # start (they inherit the environment): identical tiny train steps compile once, not per test.
