@@ -259,9 +259,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
 
 def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
-    """The radii against the image box (images are in [0, 1]: a Linf radius of 1, an L2 radius
-    of sqrt(H * W * C), already reaches every image), num_validation and batch_size against the
-    splits (from the dataset's constants: nothing is read)."""
+    """The radii (config.attack's, each evaluator's with an eps and a norm) against the image
+    box (images are in [0, 1]: a Linf radius of 1, an L2 radius of sqrt(H * W * C), already
+    reaches every image), num_validation and batch_size against the splits (from the dataset's
+    constants: nothing is read)."""
     from score_jax import data
 
     info = data.dataset_info(config.dataset)
@@ -269,7 +270,9 @@ def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
     radii = [("config.attack", config.attack)]
     for section in ("eval", "test"):
         specs = evaluators.specs(config[section]).items()
-        radii += [(f"config.{section}.{name}", e) for name, e in specs if "eps" in e]
+        radii += [
+            (f"config.{section}.{name}", e) for name, e in specs if "eps" in e and "norm" in e
+        ]
     for f, e in radii:
         limit, why = (1.0, "1") if e.norm == "linf" else (math.sqrt(dim), f"sqrt({dim})")
         require(
