@@ -3,9 +3,9 @@
     python -m benchmarks.eval --model wrn-16-4 --batch 64 --steps 3 --json /tmp/eval.json
 
 1. PGD-20 evaluation: the library's evaluation path (`evaluate.run_evaluators` of the "clean"
-   and "pgd" steps `Setup.eval_steps` builds: PGD-20 cross-entropy, uniform start, step 2/255 at
-   Linf 8/255, `config.test.pgd` of configs/cifar10_ddpm.py) on one batch, compiled apart,
-   median of `--steps` calls; against the same evaluation in eager PyTorch
+   and "pgd" steps `evaluate.Evaluation.steps` builds: PGD-20 cross-entropy, uniform start,
+   step 2/255 at Linf 8/255, `config.test.pgd` of configs/cifar10_ddpm.py) on one batch,
+   compiled apart, median of `--steps` calls; against the same evaluation in eager PyTorch
    (benchmarks/torch_reference.py, subprocess, same weights and batch).
 2. Input pipeline: train steps/s of the compiled train step (`Setup.compile_train_step`) fed
    the way `trainer.train_and_evaluate` feeds it, `shard_batch(TrainBatcher.batch(step))`
@@ -45,13 +45,13 @@ def eval_batch(dataset: data.Dataset, batch: int, seed: int = 1) -> dict[str, np
 
 
 def run_jax_eval(setup: Setup, state, host_batch: dict, steps: int, warmup: int) -> dict:
-    """The library's evaluation path of config.test.pgd: the steps `Setup.eval_steps` builds
-    ("clean" and "pgd", `evaluate.compile_steps`), lowered and compiled apart (timed, and their
-    FLOPs), then `evaluate.run_evaluators` on the batch as a split (its one host-to-device copy
-    and final read included), median of `steps` calls after `warmup` (at least one: jit's own
-    first call)."""
+    """The library's evaluation path of config.test.pgd: the steps `evaluate.Evaluation.steps`
+    builds ("clean" and "pgd", `evaluate.compile_steps`), lowered and compiled apart (timed, and
+    their FLOPs), then `evaluate.run_evaluators` on the batch as a split (its one host-to-device
+    copy and final read included), median of `steps` calls after `warmup` (at least one: jit's
+    own first call)."""
     spec = setup.config.test.pgd
-    steps_fns = setup.eval_steps({"pgd": spec})
+    steps_fns = evaluate.Evaluation(setup.config, setup.model, setup.mesh).steps({"pgd": spec})
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     split = data.Split(host_batch["image"], host_batch["label"])
     batch = train.shard_batch(host_batch, setup.mesh)

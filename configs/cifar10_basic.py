@@ -18,6 +18,7 @@ code selects on the test set.
 """
 
 from score_jax import config_lib
+from score_jax.evaluators import pgd
 
 SPELLING = "<trades|pgd_at>-<divergence>[,clip][,l2]"
 HEADS = config_lib.LOSS_ROWS  # the variant's first item: the row
@@ -48,7 +49,7 @@ def get_config(variant: str = "trades-se"):
     # Selection as the reference: every epoch, min of PGD-10 (CE) and PGD-10 (the training
     # divergence) accuracies of the raw parameters, both from a uniform start, a new best on >.
     if divergence != "kl":  # D = KL against one-hot labels is the cross-entropy
-        c.eval[f"pgd_{divergence}"] = config_lib.pgd_evaluator(
+        c.eval[f"pgd_{divergence}"] = pgd.spec(
             c.attack, objective=divergence, num_steps=10, step_size=c.attack.step_size
         )
         c.eval[f"pgd_{divergence}"].init = c.eval.pgd.init

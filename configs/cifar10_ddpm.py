@@ -23,6 +23,7 @@ configs/cifar100_ddpm.py and configs/cifar10_ddpm_wrn70.py build on this file.
 """
 
 from score_jax import config_lib
+from score_jax.evaluators import pgd
 
 OPTIONS = ("beta3", "l2", "wrn-70-16")
 
@@ -64,7 +65,7 @@ def get_config(variant: str = ""):
     # new best on >=, with core/attacks/pgd.py's start and steps (L2: a box point scaled to
     # the ball, box then ball) of --attack-step, whose default is 2/255 for both norms.
     del c.eval.pgd
-    c.eval.pgd_cw = config_lib.pgd_evaluator(
+    c.eval.pgd_cw = pgd.spec(
         c.attack,
         objective="cw_clamped",
         num_steps=40,

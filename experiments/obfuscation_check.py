@@ -11,7 +11,7 @@ informative, accuracy falls to 0 at the largest eps; a plateau above 0 signals o
 
 Writes DIR/results.json {"eps", "accuracy", "reaches_zero", ...} and DIR/obfuscation.png.
 Step size: 2.5 eps / num_steps (Madry et al.'s rule), uniform random starts; eps = 0 is the
-clean accuracy. The attack is the library's (the "pgd" evaluator, `evaluate.pgd_evaluator` ->
+clean accuracy. The attack is the library's (the "pgd" evaluator, `evaluators.pgd` ->
 `attacks.pgd`).
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from score_jax import data
+from score_jax import data, evaluate
 
 try:
     from experiments import common
@@ -83,10 +83,11 @@ def accuracy_curve(
 ) -> list[float]:
     """PGD accuracy of the restored model on `split` at each eps (one compilation per eps)."""
     setup, v = restored.setup, restored.variables
+    evaluation = evaluate.Evaluation(setup.config, setup.model, setup.mesh)
     out = []
     for eps in eps_list:
         attack = attack_config(eps, setup.config.attack.norm, num_steps, restarts)
-        out.append(setup.evaluate({"pgd": attack}, v, split)["pgd_accuracy"])
+        out.append(evaluation.run({"pgd": attack}, v, split)["pgd_accuracy"])
     return out
 
 

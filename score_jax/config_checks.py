@@ -8,13 +8,25 @@ name (RENAMED). explain_flag_error() turns a bad `--config...` flag into one lin
 import importlib.util
 import inspect
 import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from score_jax import attacks, losses, optim, precision
+from score_jax import attacks, evaluators, losses, optim, precision
+from score_jax.checks import (
+    BOOL,
+    FRACTION,
+    PROB,
+    STRING,
+    Check,
+    choice,
+    integer,
+    is_int,
+    is_real,
+    real,
+    require,
+)
 from score_jax.data import DATASET_NAMES, REAL_SAMPLINGS, VALIDATION_ORDERS
 from score_jax.errors import ConfigError
 
@@ -38,105 +50,35 @@ def renamed_hint(field: str) -> str | None:
     return None if new is None else f"config.{field} was renamed: use config.{new}"
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 # A field in no table is a defect (tests/test_bad_inputs.py walks every shipped config): add a
 # check or list it in FREE_FORM. The model's own fields (model.width, ...) are _check_model's.
 
 _MODEL_RESERVED = ("name", "activation", "conv_impl", "dtype", "init_scheme")
 
-Check = tuple[Callable[[Any], bool], str]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(lo: int, *, or_value: int | None = None) -> Check:
-    text = f"an integer >= {lo}" + ("" if or_value is None else f" (or {or_value})")
-    return (lambda v: _is_int(v) and (v >= lo or v == or_value)), text
-
-
-def _real(lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False, none=False) -> Check:
-    def ok(v: Any) -> bool:
-        if v is None:
-            return none
-        if not _is_real(v):
-            return False
-        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-
-    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-    return ok, f"a finite number in {interval}" + (" or None" if none else "")
-
-
-def _choice(options: Sequence[str]) -> Check:
-    options = tuple(options)
-    return (lambda v: isinstance(v, str) and v in options), f"one of {options}"
-
-
-_BOOL: Check = (lambda v: isinstance(v, bool), "True or False")
-_STRING: Check = (lambda v: isinstance(v, str), "a string")
-_PROB: Check = _real(0.0, 1.0, hi_open=True)  # [0, 1)
-_FRACTION: Check = _real(0.0, 1.0)  # [0, 1]
-
 
 def _lr_boundaries_ok(v: Any) -> bool:
     return (
         isinstance(v, tuple | list)
-        and all(_is_real(e) and e >= 0 for e in v)
+        and all(is_real(e) and e >= 0 for e in v)
         and list(v) == sorted(v)
     )
 
 
 def _attack_checks() -> dict[str, Check]:
     return {
-        "attack.norm": _choice(attacks.NORMS),
-        "attack.eps": _real(0.0),
-        "attack.step_size": _real(0.0),
-        "attack.num_steps": _integer(0),
-        "attack.init": _choice(attacks.INITS),
-        "attack.batchnorm": _choice(attacks.ATTACK_BATCHNORM),
-        "attack.l2_rule": _choice(attacks.L2_RULES),
+        "attack.norm": choice(attacks.NORMS),
+        "attack.eps": real(0.0),
+        "attack.step_size": real(0.0),
+        "attack.num_steps": integer(0),
+        "attack.init": choice(attacks.INITS),
+        "attack.batchnorm": choice(attacks.ATTACK_BATCHNORM),
+        "attack.l2_rule": choice(attacks.L2_RULES),
     }
 
 
-def evaluator_checks(kind: str) -> dict[str, Check]:
+def evaluator_checks(kind: evaluators.Kind) -> dict[str, Check]:
     """field -> check of an evaluator of `kind` (config.eval.<name> / config.test.<name>)."""
-    from score_jax import autoattack
-
-    common = {"kind": _choice((kind,)), "eps": _real(0.0), "norm": _choice(attacks.NORMS)}
-    if kind == "pgd":
-        return common | {
-            "objective": _choice(attacks.EVAL_OBJECTIVES),
-            "num_steps": _integer(0),
-            "step_size": _real(0.0),
-            "restarts": _integer(1),
-            "init": _choice(attacks.INITS),
-            "l2_rule": _choice(attacks.L2_RULES),
-        }
-    if kind == "autoattack":
-        return common | {
-            "eps": _real(0.0, lo_open=True),
-            "version": _choice(("standard", "custom")),
-            "attacks": (
-                lambda v: isinstance(v, tuple | list) and all(a in autoattack.ATTACKS for a in v),
-                f"a tuple of names of {autoattack.ATTACKS}",
-            ),
-            "num_examples": _integer(1, or_value=-1),
-            "params": _choice(("best_by", "all")),
-            "apgd_iters": _integer(1),
-            "fab_iters": _integer(1),
-            "targets": _integer(1),
-            "square_queries": _integer(1),
-        }
-    return {}
+    return {"kind": choice((kind.name,)), **kind.fields()}
 
 
 def field_checks() -> dict[str, Check]:
@@ -145,50 +87,50 @@ def field_checks() -> dict[str, Check]:
 
     return {
         "seed": (
-            lambda v: _is_int(v) and 0 <= v <= MAX_SEED,
+            lambda v: is_int(v) and 0 <= v <= MAX_SEED,
             f"an integer in [0, {MAX_SEED}] (JAX keys take 32 bits without jax_enable_x64: a "
             "larger seed collides with a smaller one or overflows; the evaluation key is seed + 1)",
         ),
-        "batch_size": _integer(1),
-        "eval_batch_size": _integer(1),
-        "num_epochs": _real(0.0),
-        "num_train_steps": _integer(1, or_value=-1),
-        "log_every_steps": _integer(1),
-        "eval_every_epochs": _integer(0),
-        "checkpoint_every_steps": _integer(1),
-        "keep_checkpoints": _integer(1),
-        "best_by": _choice(("ema", "raw")),
-        "resume_ignore_mismatch": _BOOL,
-        "resume_fallback": _BOOL,
-        "resume_extend": _BOOL,
-        "init_from": _STRING,
-        "sync_batch_stats": _BOOL,
-        "bn_first_batch_stats": _BOOL,
-        "progress_bar": _BOOL,
-        "eval_precision": _choice(precision.EVAL_PRECISIONS),
-        "dataset.name": _choice(DATASET_NAMES),
-        "dataset.data_dir": _STRING,
-        "dataset.num_validation": _integer(0),
-        "dataset.ddpm_path": _STRING,
-        "dataset.real_fraction": _real(0.0, 1.0, lo_open=True),
-        "dataset.validation_order": _choice(VALIDATION_ORDERS),
-        "dataset.epoch_size": _integer(0),
-        "dataset.real_sampling": _choice(REAL_SAMPLINGS),
-        "augment.crop_padding": _integer(0),
-        "augment.flip": _BOOL,
-        "augment.rotation_degrees": _real(0.0, 180.0),
-        "model.name": _choice(MODEL_NAMES),
-        "model.activation": _choice(("", *ACTIVATIONS)),
-        "model.conv_impl": _choice(CONV_IMPLS),
-        "model.dtype": _choice(("float32", "bfloat16")),
-        "model.init_scheme": _choice(INIT_SCHEMES),
-        "loss.method": _choice(losses.LOSS_METHODS),
-        "loss.divergence": _choice(losses.DIVERGENCES),
-        "loss.beta": _real(0.0),
-        "loss.clip_c": _real(0.0, 1.0, hi_open=True, none=True),
-        "loss.clip_clean": _BOOL,
-        "loss.label_smoothing": _PROB,
-        "loss.trades_pass_order": _choice(losses.TRADES_PASS_ORDERS),
+        "batch_size": integer(1),
+        "eval_batch_size": integer(1),
+        "num_epochs": real(0.0),
+        "num_train_steps": integer(1, or_value=-1),
+        "log_every_steps": integer(1),
+        "eval_every_epochs": integer(0),
+        "checkpoint_every_steps": integer(1),
+        "keep_checkpoints": integer(1),
+        "best_by": choice(("ema", "raw")),
+        "resume_ignore_mismatch": BOOL,
+        "resume_fallback": BOOL,
+        "resume_extend": BOOL,
+        "init_from": STRING,
+        "sync_batch_stats": BOOL,
+        "bn_first_batch_stats": BOOL,
+        "progress_bar": BOOL,
+        "eval_precision": choice(precision.EVAL_PRECISIONS),
+        "dataset.name": choice(DATASET_NAMES),
+        "dataset.data_dir": STRING,
+        "dataset.num_validation": integer(0),
+        "dataset.ddpm_path": STRING,
+        "dataset.real_fraction": real(0.0, 1.0, lo_open=True),
+        "dataset.validation_order": choice(VALIDATION_ORDERS),
+        "dataset.epoch_size": integer(0),
+        "dataset.real_sampling": choice(REAL_SAMPLINGS),
+        "augment.crop_padding": integer(0),
+        "augment.flip": BOOL,
+        "augment.rotation_degrees": real(0.0, 180.0),
+        "model.name": choice(MODEL_NAMES),
+        "model.activation": choice(("", *ACTIVATIONS)),
+        "model.conv_impl": choice(CONV_IMPLS),
+        "model.dtype": choice(("float32", "bfloat16")),
+        "model.init_scheme": choice(INIT_SCHEMES),
+        "loss.method": choice(losses.LOSS_METHODS),
+        "loss.divergence": choice(losses.DIVERGENCES),
+        "loss.beta": real(0.0),
+        "loss.clip_c": real(0.0, 1.0, hi_open=True, none=True),
+        "loss.clip_clean": BOOL,
+        "loss.label_smoothing": PROB,
+        "loss.trades_pass_order": choice(losses.TRADES_PASS_ORDERS),
         **_attack_checks(),
         "eval.select_by": (
             lambda v: (
@@ -196,28 +138,28 @@ def field_checks() -> dict[str, Check]:
             ),
             "a non-empty tuple of config.eval evaluator names",
         ),
-        "eval.select_ties": _choice(("strict", "later")),
-        "optim.learning_rate": _real(0.0, lo_open=True),
-        "optim.momentum": _PROB,
-        "optim.nesterov": _BOOL,
-        "optim.weight_decay": _real(0.0),
-        "optim.weight_decay_batchnorm": _BOOL,
-        "optim.grad_clip_norm": _real(0.0, lo_open=True, none=True),
-        "optim.schedule": _choice(optim.SCHEDULES),
+        "eval.select_ties": choice(("strict", "later")),
+        "optim.learning_rate": real(0.0, lo_open=True),
+        "optim.momentum": PROB,
+        "optim.nesterov": BOOL,
+        "optim.weight_decay": real(0.0),
+        "optim.weight_decay_batchnorm": BOOL,
+        "optim.grad_clip_norm": real(0.0, lo_open=True, none=True),
+        "optim.schedule": choice(optim.SCHEDULES),
         "optim.lr_boundaries_epochs": (
             _lr_boundaries_ok,
             "a non-decreasing sequence of finite numbers >= 0",
         ),
-        "optim.lr_decay_factor": _real(0.0, lo_open=True),
-        "optim.warmup_fraction": _FRACTION,
-        "optim.warmup_div": _real(0.0, lo_open=True),
-        "optim.final_div_factor": _real(0.0, lo_open=True),
-        "optim.schedule_unit": _choice(optim.SCHEDULE_UNITS),
-        "optim.cycle_momentum": _BOOL,
-        "optim.base_momentum": _PROB,
-        "optim.max_momentum": _PROB,
-        "ema.decay": _PROB,
-        "ema.warmup_fraction": _FRACTION,
+        "optim.lr_decay_factor": real(0.0, lo_open=True),
+        "optim.warmup_fraction": FRACTION,
+        "optim.warmup_div": real(0.0, lo_open=True),
+        "optim.final_div_factor": real(0.0, lo_open=True),
+        "optim.schedule_unit": choice(optim.SCHEDULE_UNITS),
+        "optim.cycle_momentum": BOOL,
+        "optim.base_momentum": PROB,
+        "optim.max_momentum": PROB,
+        "ema.decay": PROB,
+        "ema.warmup_fraction": FRACTION,
     }
 
 
@@ -241,7 +183,7 @@ def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any
 
 def is_checked(field: str, config: ml_collections.ConfigDict) -> bool:
     """Whether validate() checks `field` of `config` (or it is listed as FREE_FORM)."""
-    from score_jax import evaluate, models
+    from score_jax import models
 
     if field in field_checks() or field in FREE_FORM:
         return True
@@ -250,8 +192,9 @@ def is_checked(field: str, config: ml_collections.ConfigDict) -> bool:
         return name in models.model_fields(config.model.name)
     if section in ("eval", "test"):
         evaluator, _, key = name.partition(".")
-        spec = evaluate.evaluator_specs(config[section]).get(evaluator)
-        return spec is not None and key in evaluator_checks(spec.get("kind", ""))
+        spec = evaluators.specs(config[section]).get(evaluator)
+        kind = None if spec is None else evaluators.KINDS.get(spec.get("kind"))
+        return kind is not None and key in evaluator_checks(kind)
     return False
 
 
@@ -263,13 +206,13 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     for key, value in config.model.items():
         if key in _MODEL_RESERVED:
             continue
-        _require(
+        require(
             key in fields,
             f"config.model.{key} is not a field of model {config.model.name!r}; valid: {fields}",
         )
         values = value if isinstance(value, tuple | list) else (value,)
-        _require(
-            all(_is_int(v) and v >= 1 for v in values) and len(values) > 0,
+        require(
+            all(is_int(v) and v >= 1 for v in values) and len(values) > 0,
             f"config.model.{key}={value!r} must be a positive integer (or a tuple of them)",
         )
 
@@ -279,12 +222,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     table, the model's fields, then the relations between fields."""
     values = leaves(config)
     hints = [h for h in map(renamed_hint, (*values, *config)) if h]
-    _require(not hints, hints[0] if hints else "")
+    require(not hints, hints[0] if hints else "")
     for field, (ok, requirement) in field_checks().items():
         if field in values and not ok(values[field]):
             raise ConfigError(f"config.{field}={values[field]!r} must be {requirement}")
     _check_model(config)
-    _require(
+    require(
         config.attack.step_size > 0 or config.attack.num_steps == 0,
         f"config.attack.step_size={config.attack.step_size} must be > 0 "
         f"(num_steps={config.attack.num_steps})",
@@ -292,22 +235,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _check_evaluators(config)
     _check_against_the_dataset(config)
     o = config.optim
-    _require(
+    require(
         not o.cycle_momentum or o.schedule == "one_cycle",
         "config.optim.cycle_momentum needs config.optim.schedule='one_cycle'",
     )
-    _require(
+    require(
         o.base_momentum <= o.max_momentum,
         f"config.optim.base_momentum={o.base_momentum} must be <= config.optim.max_momentum="
         f"{o.max_momentum}",
     )
     for field in ("batch_size", "eval_batch_size"):
-        _require(
+        require(
             config[field] % num_devices == 0,
             f"config.{field}={config[field]} must be a positive multiple of the device "
             f"count {num_devices}",
         )
-    _require(
+    require(
         config.num_epochs > 0 or config.num_train_steps > 0,
         "config.num_epochs or config.num_train_steps must be > 0",
     )
@@ -316,20 +259,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 
 
 def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
-    """The radii against the image box (images are in [0, 1]: a Linf radius of 1, an L2 radius
-    of sqrt(H * W * C), already reaches every image), num_validation and batch_size against the
-    splits (from the dataset's constants: nothing is read)."""
-    from score_jax import data, evaluate
+    """The radii (config.attack's, each evaluator's with an eps and a norm) against the image
+    box (images are in [0, 1]: a Linf radius of 1, an L2 radius of sqrt(H * W * C), already
+    reaches every image), num_validation and batch_size against the splits (from the dataset's
+    constants: nothing is read)."""
+    from score_jax import data
 
     info = data.dataset_info(config.dataset)
     dim = int(np.prod(info.image_shape))
     radii = [("config.attack", config.attack)]
     for section in ("eval", "test"):
-        specs = evaluate.evaluator_specs(config[section]).items()
-        radii += [(f"config.{section}.{name}", e) for name, e in specs if "eps" in e]
+        specs = evaluators.specs(config[section]).items()
+        radii += [
+            (f"config.{section}.{name}", e) for name, e in specs if "eps" in e and "norm" in e
+        ]
     for f, e in radii:
         limit, why = (1.0, "1") if e.norm == "linf" else (math.sqrt(dim), f"sqrt({dim})")
-        _require(
+        require(
             e.eps <= limit,
             f"{f}.eps={e.eps!r} must be <= {why} for norm {e.norm!r}: images are in [0, 1], so "
             "a larger radius reaches every image (eps is on the [0, 1] scale: 8/255, not 8)",
@@ -338,15 +284,15 @@ def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
         from score_jax.data import digits
 
         num_validation = config.dataset.get("num_validation", digits.NUM_VALIDATION)
-        _require(
+        require(
             num_validation == digits.NUM_VALIDATION,
             f"config.dataset.num_validation={num_validation!r}: digits has a fixed "
             f"split ({info.num_train} train / {digits.NUM_VALIDATION} validation / "
             f"{digits.NUM_TEST} test); set {digits.NUM_VALIDATION}",
         )
-    real = config.dataset.get("real_fraction", 1.0)
-    num_real = config.batch_size if real == 1.0 else int(round(config.batch_size * real))
-    _require(
+    fraction = config.dataset.get("real_fraction", 1.0)
+    num_real = config.batch_size if fraction == 1.0 else int(round(config.batch_size * fraction))
+    require(
         num_real <= info.num_train,
         f"config.batch_size={config.batch_size} takes {num_real} real images per step, more than "
         f"the {info.num_train} of the {info.name} training split (every step would repeat "
@@ -355,52 +301,37 @@ def _check_against_the_dataset(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_evaluators(config: ml_collections.ConfigDict) -> None:
-    """config.eval / config.test: each evaluator's fields by its kind, then select_by."""
-    from score_jax import evaluate
-
+    """config.eval / config.test: each evaluator's fields and relations by its kind
+    (evaluators.KINDS), then select_by."""
     for section in ("eval", "test"):
         for key, value in config[section].items():
             if not isinstance(value, ml_collections.ConfigDict):
-                _require(
+                require(
                     section == "eval" and key in ("select_by", "select_ties"),
                     f"config.{section}.{key} is neither an evaluator nor a setting of "
                     f"config.{section}",
                 )
-        for name, e in evaluate.evaluator_specs(config[section]).items():
+        for name, e in evaluators.specs(config[section]).items():
             f = f"config.{section}.{name}"
-            kind = e.get("kind")
-            _require(kind in evaluate.KINDS, f"{f}.kind={kind!r}; valid: {evaluate.KINDS}")
+            kind = evaluators.KINDS.get(e.get("kind"))
+            valid = tuple(evaluators.KINDS)
+            require(kind is not None, f"{f}.kind={e.get('kind')!r}; valid: {valid}")
             checks = evaluator_checks(kind)
             for k, v in e.items():
-                _require(k in checks, f"{f}.{k} is not a field of a {kind!r} evaluator")
+                require(k in checks, f"{f}.{k} is not a field of a {kind.name!r} evaluator")
                 ok, requirement = checks[k]
-                _require(ok(v), f"{f}.{k}={v!r} must be {requirement}")
+                require(ok(v), f"{f}.{k}={v!r} must be {requirement}")
             missing = [k for k in checks if k not in e]
-            _require(not missing, f"{f} lacks {missing}")
-            if kind == "pgd":
-                _require(
-                    e.step_size > 0 or e.num_steps == 0,
-                    f"{f}.step_size={e.step_size} must be > 0 (num_steps={e.num_steps})",
-                )
-            if kind == "autoattack":
-                _require(
-                    e.version != "custom" or bool(e.attacks),
-                    f"{f}.attacks must list attacks for {f}.version='custom'",
-                )
-                _require(
-                    e.version == "custom" or not e.attacks,
-                    f"{f}.attacks={tuple(e.attacks)!r} is only used with version='custom' "
-                    f"(got {e.version!r})",
-                )
-                _require(e.targets <= 9, f"{f}.targets={e.targets} must be <= 9 (AutoAttack's)")
-    names = (*evaluate.evaluator_specs(config.eval), evaluate.CLEAN)
+            require(not missing, f"{f} lacks {missing}")
+            kind.check(f, e)
+    names = (*evaluators.specs(config.eval), evaluators.clean.NAME)
     select_by = config.eval.get("select_by")  # None in a config.json written before evaluators
-    _require(
+    require(
         isinstance(select_by, tuple | list) and len(select_by) > 0,
         f"config.eval.select_by={select_by!r} must be a non-empty tuple of config.eval evaluators",
     )
     unknown = [n for n in select_by if n not in names]
-    _require(
+    require(
         not unknown, f"config.eval.select_by names unknown evaluators {unknown}; valid: {names}"
     )
 

@@ -16,70 +16,12 @@ from ml_collections import config_dict
 from score_jax import losses
 from score_jax.config_checks import validate  # noqa: F401 - config_lib.validate, as callers use
 from score_jax.errors import ConfigError
+from score_jax.evaluators import autoattack, pgd
 from score_jax.losses import LOSS_METHODS
 
 CIFAR10_EPS = 8 / 255
 # The rows of the paper's Tables 1 and 2: "<method>-<divergence>", e.g. "pgd_at-kl" (Madry).
 LOSS_ROWS = tuple(f"{m}-{d}" for m in LOSS_METHODS for d in losses.DIVERGENCES)
-
-
-def pgd_evaluator(
-    attack: ml_collections.ConfigDict,
-    *,
-    objective: str,
-    num_steps: int,
-    step_size: float,
-    restarts: int = 1,
-    init: str = "uniform",
-    l2_rule: str = "ball_then_box",
-) -> ml_collections.ConfigDict:
-    """A "pgd" evaluator (attacks.EVAL_OBJECTIVES objective) whose eps and norm are references
-    to `attack`'s (config.attack): they follow `--config.attack.eps=...` until set themselves.
-    `init` and `l2_rule` as attacks.pgd's."""
-    return ml_collections.ConfigDict(
-        dict(
-            kind="pgd",
-            objective=objective,
-            num_steps=num_steps,
-            step_size=step_size,
-            restarts=restarts,
-            init=init,
-            l2_rule=l2_rule,
-            eps=attack.get_ref("eps").identity(),
-            norm=attack.get_ref("norm").identity(),
-        )
-    )
-
-
-def autoattack_evaluator(
-    attack: ml_collections.ConfigDict,
-    *,
-    version: str = "standard",
-    attacks: tuple[str, ...] = (),
-    num_examples: int = -1,
-    params: str = "best_by",
-) -> ml_collections.ConfigDict:
-    """An "autoattack" evaluator: the JAX AutoAttack (score_jax.autoattack) at config.attack's eps
-    and norm (references, as pgd_evaluator's); `--mode autoattack` runs pyautoattack from the
-    same spec (version, attacks, num_examples, eps, norm). version "standard" (APGD-CE, APGD-T,
-    FAB-T, Square) or "custom" (`attacks`); the iteration counts are AutoAttack's standard ones;
-    `num_examples`: the first n examples (-1: all); `params`: "best_by" evaluates only
-    config.best_by's parameters (AutoAttack is the costly evaluator), "all" both."""
-    return ml_collections.ConfigDict(
-        dict(
-            kind="autoattack",
-            version=version,
-            attacks=tuple(attacks),
-            num_examples=num_examples,
-            params=params,
-            apgd_iters=100,
-            fab_iters=100,
-            targets=9,
-            square_queries=5000,
-            eps=attack.get_ref("eps").identity(),
-            norm=attack.get_ref("norm").identity(),
-        )
-    )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -190,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.ema = ml_collections.ConfigDict(dict(decay=0.995, warmup_fraction=0.025))
-    # Evaluators, each a named sub-ConfigDict with a `kind` of score_jax.evaluate.EVALUATORS; a
+    # Evaluators, each a named sub-ConfigDict with a `kind` of score_jax.evaluators.KINDS; a
     # "pgd" one's eps and norm follow config.attack unless set. config.eval: on the validation
     # split every eval_every_epochs epochs; the best checkpoint has the highest min over
     # `select_by` of config.best_by's accuracies, a new best needing > the best so far
@@ -201,14 +143,14 @@ def base_config() -> ml_collections.ConfigDict:
     # trained) or "model" (as trained: model.dtype, the backend's default matmul precision).
     c.eval_precision = "float32"
     c.eval = ml_collections.ConfigDict()
-    c.eval.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=10, step_size=2 / 255)
+    c.eval.pgd = pgd.spec(c.attack, objective="ce", num_steps=10, step_size=2 / 255)
     c.eval.select_by = ("pgd",)
     c.eval.select_ties = "strict"
     c.test = ml_collections.ConfigDict()
-    c.test.pgd = pgd_evaluator(c.attack, objective="ce", num_steps=20, step_size=2 / 255)
+    c.test.pgd = pgd.spec(c.attack, objective="ce", num_steps=20, step_size=2 / 255)
     # The JAX AutoAttack on the test split; `--mode autoattack` reads the same spec (its version,
     # attacks, num_examples, eps and norm) for the pyautoattack cross-check.
-    c.test.autoattack = autoattack_evaluator(c.attack)  # standard, config.best_by's params
+    c.test.autoattack = autoattack.spec(c.attack)  # standard, config.best_by's params
     return c
 
 

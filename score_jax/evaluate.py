@@ -1,22 +1,25 @@
-"""Evaluators (clean, PGD, ...) of a model on a data split, data-parallel over the mesh, and the
-best-checkpoint selection rule.
+"""The kind-independent evaluation runner: every evaluator of a section (score_jax.evaluators,
+one module per kind) on a data split, data-parallel over the mesh, and the best-checkpoint
+selection rule.
 
 `config.eval` (validation: selection) and `config.test` name their evaluators as sub-ConfigDicts
-with a `kind` (EVALUATORS: batch by batch; SPLIT_EVALUATORS: on the whole split, AutoAttack);
-plain fields (`select_by`, `select_ties`) are settings. Each evaluator compiles to its own jitted
-step; the clean accuracy is computed once per parameter set.
+with a `kind` (evaluators.KINDS: per batch, or on the whole split as AutoAttack); plain fields
+(`select_by`, `select_ties`) are settings. Each evaluator compiles to its own jitted step; the
+clean accuracy is computed once per parameter set.
 
-    steps = compile_steps(model, evaluator_specs(config.test), mesh, batch_size=batch_size)
+    steps = compile_steps(model, evaluators.specs(config.test), mesh, batch_size=batch_size)
     run_evaluators(steps, variables, split, batch_size, mesh, key)
     # -> {"clean_accuracy": .., "pgd_accuracy": .., "num_examples": ..}
 
-Robust accuracy of "pgd": the fraction of examples still classified correctly at the PGD point
-that maximises the objective (restarts keep, per example, the point with the highest objective).
+`Evaluation(config, model, mesh)` is the one evaluation path of training, --mode eval and the
+benchmarks: config's sections, their keys and the EMA / raw parameters of a train state.
 """
 
+import dataclasses
 import functools
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -26,157 +29,33 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from score_jax import attacks, data, losses
+from score_jax import data, evaluators
 from score_jax.errors import ConfigError
+from score_jax.evaluators import CorrectFn, SplitFn, clean
 from score_jax.parallel import AXIS, data_parallel, shard_batch
 from score_jax.precision import eval_model, with_precision
 
+if TYPE_CHECKING:
+    from score_jax.train import TrainState
+
 Array = jax.Array
-# correct(logits_fn, x, labels, keys) -> per-example 0/1 correctness (B,) under the evaluator.
-CorrectFn = Callable[[attacks.LogitsFn, Array, Array, Array], Array]
 StepFn = Callable[[dict, dict, np.ndarray], dict[str, Array]]
 
-CLEAN = "clean"
+CLEAN = clean.NAME
 SELECT_TIES = ("strict", "later")  # a new best needs value > best / value >= best
+PARAMS = ("ema", "raw")  # the parameter sets of a train state evaluated: the EMA and the raw ones
 
 
-def clean_correct(logits_fn: attacks.LogitsFn, x: Array, labels: Array, keys: Array) -> Array:
-    """1[argmax f(x) = y]."""
-    del keys
-    return losses.accuracy(logits_fn(x), labels)
+@dataclasses.dataclass(frozen=True)
+class SplitStep:
+    """A whole-split evaluator (a kind with per_batch False) and the name it reports under
+    (its kind's result_name)."""
 
-
-def pgd_points(
-    spec: ml_collections.ConfigDict, logits_fn: attacks.LogitsFn, x: Array, labels: Array, keys
-) -> Array:
-    """The points of a "pgd" evaluator: PGD maximising spec.objective (attacks.EVAL_OBJECTIVES)
-    with spec's eps, norm, step_size, num_steps, init, restarts and l2_rule."""
-    return attacks.pgd(
-        attacks.eval_objective(spec.objective, logits_fn, labels),
-        x,
-        keys,
-        eps=spec.eps,
-        step_size=spec.step_size,
-        num_steps=spec.num_steps,
-        norm=spec.norm,
-        init=spec.init,
-        restarts=spec.restarts,
-        l2_rule=spec.get("l2_rule", "ball_then_box"),
-    )
-
-
-def pgd_evaluator(spec: ml_collections.ConfigDict) -> CorrectFn:
-    """1[argmax f(x_adv) = y], x_adv = `pgd_points`; num_steps 0: clean."""
-
-    def correct(logits_fn, x, labels, keys):
-        if spec.num_steps == 0:
-            return clean_correct(logits_fn, x, labels, keys)
-        x_adv = pgd_points(spec, logits_fn, x, labels, keys)
-        return losses.accuracy(logits_fn(x_adv), labels)
-
-    return correct
-
-
-class SplitEvaluator:
-    """An evaluator that runs on a whole split at once rather than batch by batch: AutoAttack,
-    whose later stages attack only the examples still robust (score_jax.autoattack.suite).
-
-    Called as (variables, split, key) -> {"accuracy", "<attack>_accuracy" after each stage,
-    "num_examples"}; its stages compile once and are reused on every call.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        spec: ml_collections.ConfigDict,
-        mesh: Mesh,
-        batch_size: int,
-        precision: str = "float32",
-    ):
-        from score_jax import autoattack
-
-        self.spec, self.mesh, self.batch_size = spec, mesh, batch_size
-        self.model = model = eval_model(model, precision)
-        self.attacks = autoattack.resolve_attacks(spec.version, spec.attacks)
-        self.options = autoattack_options(spec, self.attacks)
-        self.stage_fns = autoattack.make_stage_fns(
-            model,
-            eps=spec.eps,
-            norm=spec.norm,
-            mesh=mesh,
-            version=spec.version,
-            attacks=spec.attacks,
-            options=self.options,
-            precision=precision,
-        )
+    run: SplitFn
+    label: str
 
     def __call__(self, variables: dict, split: data.Split, key: np.ndarray) -> dict[str, float]:
-        from score_jax import autoattack
-
-        r = autoattack.evaluate(
-            self.model,
-            variables,
-            split,
-            eps=self.spec.eps,
-            norm=self.spec.norm,
-            version=self.spec.version,
-            attacks=self.spec.attacks,
-            batch_size=self.batch_size,
-            mesh=self.mesh,
-            key=key,
-            num_examples=self.spec.num_examples,
-            stage_fns=self.stage_fns,
-        )
-        out = {"accuracy": r["robust_accuracy"], "num_examples": r["num_examples"]}
-        for stage in r["stages"]:
-            out[f"{stage['attack'].replace('-', '_')}_accuracy"] = stage["robust_accuracy"]
-        return out
-
-
-def autoattack_options(
-    spec: ml_collections.ConfigDict, attacks: tuple[str, ...]
-) -> dict[str, dict]:
-    """Per-attack options of an "autoattack" spec: apgd_iters / fab_iters (100), targets (9),
-    square_queries (5000) are AutoAttack's standard values; smaller ones make a quick look."""
-    per_attack = {
-        "apgd-ce": dict(n_iter=spec.apgd_iters),
-        "apgd-t": dict(n_iter=spec.apgd_iters, n_target_classes=spec.targets),
-        "fab-t": dict(n_iter=spec.fab_iters, n_target_classes=spec.targets),
-        "square": dict(n_queries=spec.square_queries),
-    }
-    return {a: per_attack[a] for a in attacks}
-
-
-def autoattack_version(spec: ml_collections.ConfigDict) -> str:
-    """The version an "autoattack" spec's result is reported under: "standard" only with
-    AutoAttack's standard counts (autoattack.STANDARD_COUNTS), else "reduced" (or "custom")."""
-    from score_jax import autoattack
-
-    return autoattack.reported_version(
-        spec.version, {k: spec[k] for k in autoattack.STANDARD_COUNTS}
-    )
-
-
-def result_name(name: str, spec: ml_collections.ConfigDict) -> str:
-    """The name evaluator `name`'s results are reported under (metrics keys, tables):
-    "<name>_reduced" for an AutoAttack at reduced counts, else `name`."""
-    if spec.get("kind") == "autoattack" and autoattack_version(spec) == "reduced":
-        return f"{name}_reduced"
-    return name
-
-
-# kind -> builder of the evaluator's per-example correctness from its spec.
-EVALUATORS: dict[str, Callable[[ml_collections.ConfigDict], CorrectFn]] = {
-    "pgd": pgd_evaluator,
-}
-# kind -> SplitEvaluator class (built with the model, spec, mesh and eval batch size).
-SPLIT_EVALUATORS: dict[str, type[SplitEvaluator]] = {"autoattack": SplitEvaluator}
-KINDS = (*EVALUATORS, *SPLIT_EVALUATORS)
-
-
-def evaluator_specs(section: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
-    """The named evaluators of config.eval / config.test (its ConfigDict entries), in order."""
-    return {k: v for k, v in section.items() if isinstance(v, ml_collections.ConfigDict)}
+        return self.run(variables, split, key)
 
 
 def eval_step(
@@ -222,23 +101,25 @@ def compile_steps(
     *,
     batch_size: int | None = None,
     precision: str = "float32",
-) -> dict[str, StepFn | SplitEvaluator]:
-    """{"clean": step, <name>: step (or SplitEvaluator) for each evaluator}; unknown kinds raise
-    ConfigError. `batch_size`: the global batch of the split evaluators (AutoAttack);
-    `precision`: EVAL_PRECISIONS (config.eval_precision)."""
-    steps: dict[str, StepFn | SplitEvaluator] = {
-        CLEAN: compile_step(model, clean_correct, mesh, precision)
+) -> dict[str, StepFn | SplitStep]:
+    """{"clean": step, <name>: step (per-batch kind) or SplitStep (whole-split kind) for each
+    evaluator}; unknown kinds raise ConfigError. `batch_size`: the global batch of the
+    whole-split evaluators; `precision`: EVAL_PRECISIONS (config.eval_precision)."""
+    steps: dict[str, StepFn | SplitStep] = {
+        CLEAN: compile_step(model, clean.correct, mesh, precision)
     }
     for name, spec in specs.items():
-        kind = spec.get("kind")
-        if kind in EVALUATORS:
-            steps[name] = compile_step(model, EVALUATORS[kind](spec), mesh, precision)
-        elif kind in SPLIT_EVALUATORS:
-            if not batch_size:
-                raise ValueError(f"evaluator {name!r} ({kind}) needs compile_steps' batch_size")
-            steps[name] = SPLIT_EVALUATORS[kind](model, spec, mesh, batch_size, precision)
-        else:
-            raise ConfigError(f"evaluator {name!r}: kind={kind!r}; valid: {', '.join(KINDS)}")
+        kind = evaluators.KINDS.get(spec.get("kind"))
+        if kind is None:
+            valid = ", ".join(evaluators.KINDS)
+            raise ConfigError(f"evaluator {name!r}: kind={spec.get('kind')!r}; valid: {valid}")
+        if kind.per_batch:
+            steps[name] = compile_step(model, kind.correct(spec), mesh, precision)
+            continue
+        if not batch_size:
+            raise ValueError(f"evaluator {name!r} ({kind.name}) needs compile_steps' batch_size")
+        run = kind.split_evaluator(model, spec, mesh, batch_size, precision)
+        steps[name] = SplitStep(run, kind.result_name(name, spec))
     return steps
 
 
@@ -248,7 +129,7 @@ def _evaluator_key(key: np.ndarray, name: str) -> jax.Array:
 
 
 def run_evaluators(
-    steps: dict[str, StepFn],
+    steps: dict[str, StepFn | SplitStep],
     variables: dict,
     split: data.Split,
     batch_size: int,
@@ -261,7 +142,7 @@ def run_evaluators(
     """
     totals: dict[str, dict[str, Array]] = {}
     name_keys = {name: _evaluator_key(key, name) for name in steps}
-    batched = {k: v for k, v in steps.items() if not isinstance(v, SplitEvaluator)}
+    batched = {k: v for k, v in steps.items() if not isinstance(v, SplitStep)}
     for i, host_batch in enumerate(data.eval_batches(split, batch_size)):
         batch = shard_batch(host_batch, mesh)
         for name, step in batched.items():
@@ -273,9 +154,9 @@ def run_evaluators(
     out = {f"{name}_accuracy": t["correct"] / max(count, 1.0) for name, t in totals_host.items()}
     out["num_examples"] = int(count)
     for name, evaluator in steps.items():
-        if isinstance(evaluator, SplitEvaluator):
+        if isinstance(evaluator, SplitStep):
             r = evaluator(variables, split, np.asarray(jax.random.key_data(name_keys[name])))
-            label = result_name(name, evaluator.spec)  # "<name>_reduced": not the standard AA
+            label = evaluator.label  # e.g. "<name>_reduced": not the standard AutoAttack
             out[f"{label}_accuracy"] = r.pop("accuracy")
             n = r.pop("num_examples")
             if n != out["num_examples"]:  # spec.num_examples: only the first n examples
@@ -302,3 +183,74 @@ def improves(value: float, best: float, ties: str) -> bool:
     if ties not in SELECT_TIES:
         raise ValueError(f"select_ties={ties!r}; valid: {', '.join(SELECT_TIES)}")
     return value > best if ties == "strict" else value >= best
+
+
+class Evaluation:
+    """config's evaluators of `model` over `mesh`: compiled once per section, run at
+    config.eval_batch_size and config.eval_precision with keys from config.seed."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh):
+        self.config, self.model, self.mesh = config, model, mesh
+        self._steps: dict[str, dict[str, StepFn | SplitStep]] = {}
+
+    def steps(
+        self, section: str | dict[str, ml_collections.ConfigDict]
+    ) -> dict[str, StepFn | SplitStep]:
+        """The compiled steps ("clean" and each evaluator) of config.<section> (built once), or
+        of the given {name: evaluator spec}."""
+        if not isinstance(section, str):
+            return self._compile(section)
+        if section not in self._steps:
+            self._steps[section] = self._compile(evaluators.specs(self.config[section]))
+        return self._steps[section]
+
+    def _compile(self, specs: dict[str, ml_collections.ConfigDict]) -> dict:
+        return compile_steps(
+            self.model,
+            specs,
+            self.mesh,
+            batch_size=self.config.eval_batch_size,
+            precision=self.config.eval_precision,
+        )
+
+    def run(
+        self,
+        section: str | dict[str, ml_collections.ConfigDict],
+        variables: dict,
+        split: data.Split,
+        params: str | None = None,
+        step: int = 0,
+    ) -> dict[str, float]:
+        """config.<section>'s evaluators (or the given ones) on `variables` ({"params",
+        "batch_stats"}) and `split`: {"clean_accuracy", "<evaluator>_accuracy", ..,
+        "num_examples"}. `params` ("ema" / "raw"): which parameters these are; evaluators with
+        `params="best_by"` (AutoAttack) then run only on config.best_by's. The random starts
+        come from fold_in(key(seed + 1), step): fresh ones at each validation, as the
+        reference draws."""
+        base = jax.random.key(self.config.seed + 1)
+        key = np.asarray(jax.random.key_data(jax.random.fold_in(base, step)))
+        steps = self.steps(section)
+        if params is not None and params != self.config.best_by:
+            specs = self.config[section] if isinstance(section, str) else section
+            steps = {
+                k: v for k, v in steps.items() if k == CLEAN or specs[k].get("params") != "best_by"
+            }
+        return run_evaluators(steps, variables, split, self.config.eval_batch_size, self.mesh, key)
+
+    def state(
+        self, section: str, state: "TrainState", split: data.Split
+    ) -> dict[str, dict[str, float]]:
+        """`run` of the EMA and of the raw parameters of `state` at its step: {"ema": ..,
+        "raw": ..}. The one evaluation path of training (validation) and --mode eval (test)."""
+        chosen = {"ema": state.ema_params, "raw": state.params}
+        step = int(jax.device_get(state.step))
+        return {
+            name: self.run(
+                section,
+                {"params": chosen[name], "batch_stats": state.batch_stats},
+                split,
+                name,
+                step=step,
+            )
+            for name in PARAMS
+        }

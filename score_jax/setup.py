@@ -4,9 +4,9 @@
     parts = build_model_and_optimizer(config, dataset.info)        # needs no data
     setup = Setup(config, workdir, dataset=dataset, mesh=mesh)     # both injectable
 
-`Setup` validates the config once (for its mesh), and evaluates (`evaluate`, `evaluate_state`:
-the one evaluation path of training, --mode eval and the benchmarks). Given a `DatasetInfo`
-instead of a dataset it builds the model without reading any data (--mode export).
+`Setup` validates the config once (for its mesh); evaluation is `evaluate.Evaluation(config,
+setup.model, setup.mesh)`. Given a `DatasetInfo` instead of a dataset it builds the model
+without reading any data (--mode export).
 """
 
 import dataclasses
@@ -15,13 +15,10 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from score_jax import config_lib, data, evaluate, models, optim, parallel, train
-
-PARAMS = ("ema", "raw")  # the parameter sets evaluated: the EMA and the raw ones
+from score_jax import config_lib, data, models, optim, parallel, train
 
 
 def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
@@ -76,7 +73,7 @@ def build_model_and_optimizer(
 
 
 class Setup:
-    """A run's parts: mesh, data and batcher, model, optimizer, key; initial state; evaluation.
+    """A run's parts: mesh, data and batcher, model, optimizer, key; initial state.
 
     `dataset`: the run's Dataset (default: `load_data(config)`), or a DatasetInfo for the model
     alone (no `dataset` splits, no `batcher`). `mesh`: default all devices (`parallel.make_mesh`).
@@ -120,7 +117,6 @@ class Setup:
         self.tx = parts.tx
         self.ema_warmup_steps = parts.ema_warmup_steps
         self.key = parallel.base_key(config.seed)
-        self._eval_steps: dict[str, dict[str, evaluate.StepFn]] = {}
 
     def initial_state(self) -> train.TrainState:
         state = train.create_train_state(
@@ -163,78 +159,3 @@ class Setup:
             batch_stats=variables["batch_stats"],
         )
         return parallel.replicate(state, self.mesh)
-
-    def eval_steps(
-        self, section: str | dict[str, ml_collections.ConfigDict]
-    ) -> dict[str, evaluate.StepFn]:
-        """The compiled steps ("clean" and each evaluator) of config.<section> (built once), or
-        of the given {name: evaluator spec}."""
-        if not isinstance(section, str):
-            return evaluate.compile_steps(
-                self.model,
-                section,
-                self.mesh,
-                batch_size=self.config.eval_batch_size,
-                precision=self.config.eval_precision,
-            )
-        if section not in self._eval_steps:
-            specs = evaluate.evaluator_specs(self.config[section])
-            self._eval_steps[section] = evaluate.compile_steps(
-                self.model,
-                specs,
-                self.mesh,
-                batch_size=self.config.eval_batch_size,
-                precision=self.config.eval_precision,
-            )
-        return self._eval_steps[section]
-
-    def evaluate(
-        self,
-        section: str | dict[str, ml_collections.ConfigDict],
-        variables: dict,
-        split: data.Split,
-        params: str | None = None,
-        step: int = 0,
-    ) -> dict[str, float]:
-        """config.<section>'s evaluators (or the given ones) on `variables` ({"params",
-        "batch_stats"}) and `split`: {"clean_accuracy", "<evaluator>_accuracy", ..,
-        "num_examples"}. `params` ("ema" / "raw"): which parameters these are; evaluators with
-        `params="best_by"` (AutoAttack) then run only on config.best_by's. The random starts
-        come from fold_in(key(seed + 1), step): fresh ones at each validation, as the
-        reference draws."""
-        base = jax.random.key(self.config.seed + 1)
-        key = np.asarray(jax.random.key_data(jax.random.fold_in(base, step)))
-        steps = self.eval_steps(section)
-        if params is not None and params != self.config.best_by:
-            specs = self.config[section] if isinstance(section, str) else section
-            steps = {
-                k: v
-                for k, v in steps.items()
-                if k == evaluate.CLEAN or specs[k].get("params") != "best_by"
-            }
-        return evaluate.run_evaluators(
-            steps,
-            variables,
-            split,
-            self.config.eval_batch_size,
-            self.mesh,
-            key,
-        )
-
-    def evaluate_state(
-        self, section: str, state: train.TrainState, split: data.Split
-    ) -> dict[str, dict[str, float]]:
-        """`evaluate` of the EMA and of the raw parameters of `state` at its step: {"ema": ..,
-        "raw": ..}. The one evaluation path of training (validation) and --mode eval (test)."""
-        chosen = {"ema": state.ema_params, "raw": state.params}
-        step = int(jax.device_get(state.step))
-        return {
-            name: self.evaluate(
-                section,
-                {"params": chosen[name], "batch_stats": state.batch_stats},
-                split,
-                name,
-                step=step,
-            )
-            for name in PARAMS
-        }

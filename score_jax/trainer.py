@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from score_jax import checkpoint, evaluate, optim, train, workdir_io
+from score_jax import checkpoint, evaluate, evaluators, optim, train, workdir_io
 from score_jax.errors import CheckpointError, ConfigError, WorkdirError
 from score_jax.lock import workdir_lock
 from score_jax.metrics import METRICS_FILE as METRICS_FILE  # where tests and tools read it
@@ -89,7 +89,7 @@ def _summary_table(rows: dict[str, dict[str, float]], names: list[str]) -> str:
 
 
 def _section_scalars(prefix: str, rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{"<prefix>/<params>_<name>_accuracy": ..} of evaluate_state's rows."""
+    """{"<prefix>/<params>_<name>_accuracy": ..} of evaluate.Evaluation.state's rows."""
     return {
         f"{prefix}/{params}_{k}": v
         for params, r in rows.items()
@@ -247,6 +247,7 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
         progress=progress,
     )
     eval_every = config.eval_every_epochs * setup.steps_per_epoch  # 0: after the last step only
+    evaluation = evaluate.Evaluation(config, setup.model, setup.mesh)  # validation's steps
 
     preempted = False
     for step in range(start_step, num_steps):
@@ -257,7 +258,9 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
 
         if itstime(done, eval_every, num_steps):
             step_metrics.flush()
-            best_value = evaluate_and_save_best(setup, state, done, best_value, writer, save)
+            best_value = evaluate_and_save_best(
+                setup, evaluation, state, done, best_value, writer, save
+            )
 
         preempted = watch.reached(done)
         if itstime(done, config.checkpoint_every_steps, num_steps) or preempted:
@@ -292,6 +295,7 @@ def _latest_saved(ckpt: checkpoint.Checkpointer) -> int | None:
 
 def evaluate_and_save_best(
     setup: Setup,
+    evaluation: evaluate.Evaluation,
     state: train.TrainState,
     step: int,
     best_value: float,
@@ -303,7 +307,7 @@ def evaluate_and_save_best(
     config.eval.select_by of config.best_by's); a new best (evaluate.improves) is saved as the
     best checkpoint. Returns the best value so far."""
     config = setup.config
-    rows = setup.evaluate_state("eval", state, setup.dataset.validation)
+    rows = evaluation.state("eval", state, setup.dataset.validation)
     value = evaluate.selection_value(rows[config.best_by], config.eval.select_by)
     writer.write(step, {**_section_scalars("val", rows), "val/selection": value})
     if not evaluate.improves(value, best_value, config.eval.select_ties):
@@ -338,13 +342,15 @@ def evaluate_workdir(
             setup.initial_state(), fallback=config.resume_fallback
         )
         last_step = ckpt.latest_step()
-    rows = setup.evaluate_state("test", state, setup.dataset.test)
-    specs = evaluate.evaluator_specs(config.test)
+    evaluation = evaluate.Evaluation(setup.config, setup.model, setup.mesh)
+    rows = evaluation.state("test", state, setup.dataset.test)
+    specs = evaluators.specs(config.test)
+    kinds = {name: evaluators.kind_of(spec) for name, spec in specs.items()}
     results = {
         "checkpoint": config.init_from if imported else "best" if use_best else "last",
         "step": int(jax.device_get(state.step)),
         "eval_precision": config.eval_precision,
-        "evaluators": {name: _spec_record(spec) for name, spec in specs.items()},
+        "evaluators": {name: kinds[name].record(spec) for name, spec in specs.items()},
         **{f"test_{name}": r for name, r in rows.items()},
     }
     own_writer = writer is None
@@ -359,40 +365,15 @@ def evaluate_workdir(
     if own_writer:
         writer.close()
     if jax.process_index() == 0:
-        described = "; ".join(f"{name}: {_describe(spec)}" for name, spec in specs.items())
+        described = "; ".join(
+            f"{name}: {kinds[name].describe(spec)}" for name, spec in specs.items()
+        )
         title = f"Test split, {results['checkpoint']} checkpoint (step {results['step']})" + (
             f", {described}" if described else ""
         )
         title += f" (evaluated in {config.eval_precision})"
-        names = [evaluate.result_name(name, spec) for name, spec in specs.items()]
+        names = [kinds[name].result_name(name, spec) for name, spec in specs.items()]
         print(title + "\n" + _summary_table(rows, [evaluate.CLEAN, *names]))
     if own:
         ckpt.close()
     return results
-
-
-def _spec_record(spec: ml_collections.ConfigDict) -> dict[str, Any]:
-    """results.json's record of an evaluator: its spec; an AutoAttack's "version" is the one it
-    is reported under (evaluate.autoattack_version: "reduced" unless at the standard counts),
-    the configured one kept as "configured_version"."""
-    record = spec.to_dict()
-    if spec.kind == "autoattack":
-        record.update(version=evaluate.autoattack_version(spec), configured_version=spec.version)
-    return record
-
-
-def _describe(spec: ml_collections.ConfigDict) -> str:
-    """A short description of an evaluator, e.g. "PGD-20 (ce) linf eps=0.03137"."""
-    if spec.kind == "pgd":
-        return f"PGD-{spec.num_steps} ({spec.objective}) {spec.norm} eps={spec.eps:.4g}"
-    if spec.kind == "autoattack":
-        version = evaluate.autoattack_version(spec)
-        shown = version if version != "custom" else ", ".join(spec.attacks)
-        if version != "standard":  # the counts that make it not the standard AutoAttack
-            shown += (
-                f" (APGD {spec.apgd_iters} it., FAB {spec.fab_iters} it., {spec.targets} "
-                f"targets, Square {spec.square_queries} queries)"
-            )
-        n = "" if spec.num_examples == -1 else f", first {spec.num_examples}"
-        return f"AutoAttack {shown} (JAX) {spec.norm} eps={spec.eps:.4g}{n}"
-    return spec.kind

@@ -23,7 +23,7 @@ import ml_collections
 import pytest
 import shipped
 
-from score_jax import checkpoint, config_checks, config_lib, evaluate, losses
+from score_jax import checkpoint, config_checks, config_lib, evaluators, losses
 from score_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,11 +153,11 @@ def test_a_checkpoint_written_before_the_loss_rename_still_resumes():
 _SHOW_EVALUATOR_EPS = """
 import json, sys
 from absl import app
-from score_jax import evaluate, main
+from score_jax import evaluators, main
 
 def show(argv):
     c = main.FLAGS.config
-    specs = {s: evaluate.evaluator_specs(c[s]) for s in ("eval", "test")}
+    specs = {s: evaluators.specs(c[s]) for s in ("eval", "test")}
     print(json.dumps({f"{s}.{k}": [v.eps, v.norm] for s in specs for k, v in specs[s].items()}))
 
 sys.argv = ["score_jax", "--config", sys.argv[1], "--workdir", "/unused", *sys.argv[2:]]
@@ -179,7 +179,7 @@ def test_attack_eps_and_norm_flags_move_every_evaluator():
     spec = "configs/cifar10_basic.py:trades-se,l2"
     config = _load("cifar10_basic", "trades-se,l2")
     for section in (config.eval, config.test):
-        for e in evaluate.evaluator_specs(section).values():
+        for e in evaluators.specs(section).values():
             assert (e.eps, e.norm) == (128 / 255, "l2")
     flags = ["--config.attack.eps=0.2", "--config.attack.norm=linf", "--config.test.pgd.eps=0.05"]
     got = _evaluator_eps_norm(spec, *flags)

@@ -12,8 +12,9 @@ import optax
 import pytest
 from tiny_training import train_adam
 
-from score_jax import config_lib, data, evaluate, models, precision, setup, train, trainer
+from score_jax import config_lib, data, evaluate, models, precision, setup, train
 from score_jax.data import digits
+from score_jax.evaluators import autoattack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KW = dict(conv_impl="xla", width=8, hidden=16)
@@ -29,7 +30,7 @@ def _pgd_spec(num_steps: int = 3) -> ml_collections.ConfigDict:
 
 def _aa_spec(**counts) -> ml_collections.ConfigDict:
     attack = ml_collections.ConfigDict(dict(eps=EPS, norm="linf"))
-    spec = config_lib.autoattack_evaluator(attack)
+    spec = autoattack.spec(attack)
     spec.update(counts)
     return spec
 
@@ -113,7 +114,7 @@ def test_compiled_evaluation_has_no_reduced_precision_op(bf16_trained, precision
     aa_batch = {**batch, "key": np.zeros((32, *key.shape), key.dtype)}
     apgd_t = (
         steps["autoattack"]
-        .stage_fns["apgd-t"]
+        .run.stage_fns["apgd-t"]
         .lower(variables, train.shard_batch(aa_batch, mesh), jnp.int32(0))
     )
     for lowered in (pgd, apgd_t):
@@ -142,17 +143,18 @@ def test_eval_precision_is_validated_and_recorded():
 
 
 def test_standard_only_at_the_standard_counts():
-    assert evaluate.autoattack_version(_aa_spec()) == "standard"
+    kind = autoattack.KIND
+    assert autoattack.reported_version(_aa_spec()) == "standard"
     for field, value in REDUCED.items():
         spec = _aa_spec(**{field: value})
-        assert evaluate.autoattack_version(spec) == "reduced"
-        assert evaluate.result_name("autoattack", spec) == "autoattack_reduced"
-        assert trainer._spec_record(spec)["version"] == "reduced"
-        described = trainer._describe(spec)
+        assert autoattack.reported_version(spec) == "reduced"
+        assert kind.result_name("autoattack", spec) == "autoattack_reduced"
+        assert kind.record(spec)["version"] == "reduced"
+        described = kind.describe(spec)
         assert "reduced" in described and "standard" not in described
-    assert evaluate.result_name("autoattack", _aa_spec()) == "autoattack"
+    assert kind.result_name("autoattack", _aa_spec()) == "autoattack"
     custom = _aa_spec(version="custom", attacks=("apgd-ce",), **REDUCED)
-    assert evaluate.autoattack_version(custom) == "custom"
+    assert autoattack.reported_version(custom) == "custom"
 
 
 def test_reduced_run_reports_reduced_keys(bf16_trained):
@@ -205,11 +207,12 @@ def test_mode_autoattack_runs_the_specs_settings():
 
 
 def test_each_validation_draws_fresh_starts(monkeypatch):
-    """Setup.evaluate_state's key is fold_in(key(seed + 1), state.step): other PGD starts at
+    """evaluate.Evaluation.state's key is fold_in(key(seed + 1), state.step): other PGD starts at
     each validation, as the reference draws new ones every epoch."""
     config = config_lib.load_config_file(f"{REPO}/configs/digits.py")
     config.model.update(conv_impl="xla", width=4, hidden=8)
     s = setup.Setup(config, "/unused", mesh=train.make_mesh(jax.devices()[:1]))
+    evaluation = evaluate.Evaluation(s.config, s.model, s.mesh)
     state = s.initial_state()
     keys = []
 
@@ -219,7 +222,7 @@ def test_each_validation_draws_fresh_starts(monkeypatch):
 
     monkeypatch.setattr(evaluate, "run_evaluators", capture)
     for step in (5, 6):
-        s.evaluate_state("eval", state.replace(step=jnp.asarray(step)), s.dataset.validation)
+        evaluation.state("eval", state.replace(step=jnp.asarray(step)), s.dataset.validation)
     base = jax.random.key(config.seed + 1)
     want = [np.asarray(jax.random.key_data(jax.random.fold_in(base, t))) for t in (5, 6)]
     np.testing.assert_array_equal(keys[0], want[0])  # ema
@@ -233,8 +236,8 @@ def test_test_evaluators_by_setting():
     for variant in ("trades-se", "pgd_at-kl", "trades-se,l2"):
         c = config_lib.load_config_file(f"{REPO}/configs/cifar10_basic.py", variant)
         assert (c.test.pgd.num_steps, c.test.pgd.objective) == (10, "ce")
-        assert evaluate.autoattack_version(c.test.autoattack) == "standard"
+        assert autoattack.reported_version(c.test.autoattack) == "standard"
     for name in ("cifar10_ddpm", "cifar100_ddpm", "cifar10_ddpm_wrn70"):
         c = config_lib.load_config_file(f"{REPO}/configs/{name}.py")
-        assert evaluate.autoattack_version(c.test.autoattack) == "standard"
+        assert autoattack.reported_version(c.test.autoattack) == "standard"
         assert c.eval_precision == "float32"

@@ -14,7 +14,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from score_jax import checkpoint, config_lib, data, evaluate, train, trainer
+from score_jax import attacks, checkpoint, config_lib, data, evaluate, train, trainer
+from score_jax.evaluators import pgd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -139,7 +140,7 @@ def test_cw_clamped_objective_is_the_reference_cw_loss():
     real = logits[np.arange(3), labels]
     other = np.where(np.eye(3, dtype=bool)[labels], -1e4, logits).max(1)
     expected = -np.clip(real - other, 0.0, None)
-    objective = evaluate.attacks.eval_objective("cw_clamped", lambda x: x, labels)
+    objective = attacks.eval_objective("cw_clamped", lambda x: x, labels)
     np.testing.assert_allclose(objective(jnp.asarray(logits)), expected)
 
 
@@ -172,11 +173,11 @@ def _tiny_config(**overrides):
     c.eval_batch_size = 60
     c.attack.num_steps = 1
     c.eval.pgd.num_steps = 1
-    c.eval.pgd_se = config_lib.pgd_evaluator(c.attack, objective="se", num_steps=1, step_size=0.05)
+    c.eval.pgd_se = pgd.spec(c.attack, objective="se", num_steps=1, step_size=0.05)
     c.eval.select_by = ("pgd", "pgd_se")
     c.test.pgd.num_steps = 1
     del c.test["autoattack"]  # its own tests: tests/test_autoattack.py, test_train.py
-    c.test.pgd_se = config_lib.pgd_evaluator(c.attack, objective="se", num_steps=1, step_size=0.05)
+    c.test.pgd_se = pgd.spec(c.attack, objective="se", num_steps=1, step_size=0.05)
     c.eval_every_epochs = 1
     c.checkpoint_every_steps = 100
     c.progress_bar = False
@@ -189,7 +190,7 @@ def test_selection_follows_the_reference_rule(tmp_path, monkeypatch, ties):
     config = _tiny_config(num_train_steps=2 * len(RAW_HISTORY), best_by="raw")
     config.eval.select_ties = ties
     scripted = iter(RAW_HISTORY)
-    real = trainer.Setup.evaluate_state
+    real = evaluate.Evaluation.state
 
     def scripted_validation(self, section, state, split):
         if section != "eval":
@@ -199,7 +200,7 @@ def test_selection_follows_the_reference_rule(tmp_path, monkeypatch, ties):
         ema = {"clean_accuracy": 0.9, "pgd_accuracy": 1 - ce, "pgd_se_accuracy": 1 - div}
         return {"ema": {**ema, "num_examples": 180}, "raw": {**raw, "num_examples": 180}}
 
-    monkeypatch.setattr(trainer.Setup, "evaluate_state", scripted_validation)
+    monkeypatch.setattr(evaluate.Evaluation, "state", scripted_validation)
     results = trainer.train_and_evaluate(config, str(tmp_path))
 
     best_epoch = _reference_best_epoch(RAW_HISTORY, ties)

@@ -695,7 +695,8 @@ def test_ddpm_l2_validation_attack_equals_core_attacks_pgd():
     """watrain.py's eval attack for L2: core/attacks/pgd.py's L2PGDAttack on CWLoss, 40 steps of
     --attack-step (default 2/255), from rand_init_delta's start (a uniform point of the image
     box, scaled to the ball), each step normalised, clipped to the box, then to the ball."""
-    from score_jax import attacks, evaluate
+    from score_jax import attacks
+    from score_jax.evaluators import pgd
 
     config = config_lib.load_config_file(f"{CONFIGS}/cifar10_ddpm.py", "l2")
     spec = config.eval.pgd_cw
@@ -711,7 +712,7 @@ def test_ddpm_l2_validation_attack_equals_core_attacks_pgd():
     def logits_fn(inputs):
         return flax_model.apply(variables, inputs, train=False)
 
-    points = jax.jit(lambda x, k: evaluate.pgd_points(spec, logits_fn, x, labels, k))
+    points = jax.jit(lambda x, k: pgd.points(spec, logits_fn, x, labels, k))
     x_adv = np.asarray(points(jnp.asarray(x), keys))
     delta0 = np.asarray(
         attacks.initial_delta(keys, jnp.asarray(x), eps=spec.eps, norm="l2", init=spec.init)

@@ -10,7 +10,7 @@ import pytest
 import shipped
 from cli_helpers import AUTOATTACK_QUICK, run_main
 
-from score_jax import checkpoint, config_lib, data, evaluate, train, trainer
+from score_jax import checkpoint, config_lib, data, evaluators, train, trainer
 from score_jax.errors import DivergedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,8 +231,8 @@ def _shrink_to_smoke(c):
     c.num_train_steps = 2
     c.attack.num_steps = 1
     for section in (c.eval, c.test):
-        for spec in evaluate.evaluator_specs(section).values():
-            if spec.kind == "pgd":
+        for spec in evaluators.specs(section).values():
+            if spec.kind == evaluators.pgd.NAME:
                 spec.num_steps = 1
     c.update_from_flattened_dict(AUTOATTACK_QUICK)
     c.eval_every_epochs = 0

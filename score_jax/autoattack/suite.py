@@ -84,20 +84,24 @@ def run_attack(
     raise ConfigError(f"unknown autoattack attack {name!r}; valid: {ATTACKS}")
 
 
-def resolve_attacks(version: str, attacks) -> tuple[str, ...]:
-    """The attack list of `version` ("standard"), or `attacks` for version "custom"."""
+def resolve_attacks(version: str, attacks, where: str = "autoattack") -> tuple[str, ...]:
+    """The attack list of `version` ("standard"), or `attacks` for version "custom": the one
+    rule of the version and attacks fields (config validation, the suite, --mode autoattack);
+    ConfigError naming `where`.<field> (e.g. where = "config.test.autoattack")."""
+    attacks = tuple(attacks or ())
     if version == "custom":
-        attacks = tuple(attacks or ())
         if not attacks:
-            raise ConfigError("autoattack version='custom' needs a list of attacks")
+            raise ConfigError(f"{where}.attacks must list attacks for {where}.version='custom'")
         bad = [a for a in attacks if a not in ATTACKS]
         if bad:
-            raise ConfigError(f"autoattack attacks has unknown {bad}; valid: {ATTACKS}")
+            raise ConfigError(f"{where}.attacks has unknown {bad}; valid: {ATTACKS}")
         return attacks
     if version not in VERSIONS:
-        raise ConfigError(f"autoattack version={version!r}; valid: standard, custom")
+        raise ConfigError(f"{where}.version={version!r}; valid: standard, custom")
     if attacks:
-        raise ConfigError(f"autoattack attacks is only used with version='custom', not {version!r}")
+        raise ConfigError(
+            f"{where}.attacks={attacks!r} is only used with version='custom' (got {version!r})"
+        )
     return VERSIONS[version]
 
 

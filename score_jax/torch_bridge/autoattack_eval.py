@@ -20,12 +20,12 @@ import torch
 
 from score_jax import autoattack, checkpoint, data, evaluate, workdir_io
 from score_jax.errors import CheckpointError, ConfigError
+from score_jax.evaluators import autoattack as autoattack_kind
+from score_jax.evaluators import pgd as pgd_kind
 from score_jax.setup import Setup
 from score_jax.torch_bridge import convert, export
 
 RESULTS_FILE = "autoattack.json"
-VERSIONS = ("standard", "custom")  # config.test.autoattack's (score_jax.autoattack's)
-ATTACK_NAMES = autoattack.ATTACKS  # the JAX suite's; pyautoattack has each of them
 NORMS = {"linf": "Linf", "l2": "L2"}
 PGD_STEPS = 20
 SPEC = "config.test.autoattack"
@@ -36,27 +36,21 @@ def autoattack_spec(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     --mode autoattack's (version, attacks, num_examples, eps, norm and the counts apgd_iters,
     fab_iters, targets, square_queries, on both sides)."""
     spec = config.test.get("autoattack")
-    if not isinstance(spec, ml_collections.ConfigDict) or spec.get("kind") != "autoattack":
-        raise ConfigError(f"{SPEC} must be an 'autoattack' evaluator for --mode autoattack")
+    if not isinstance(spec, ml_collections.ConfigDict) or spec.get("kind") != autoattack_kind.NAME:
+        raise ConfigError(
+            f"{SPEC} must be an {autoattack_kind.NAME!r} evaluator for --mode autoattack"
+        )
     return spec
 
 
 def custom_attacks(aa: ml_collections.ConfigDict) -> list[str]:
-    """config.test.autoattack.attacks as a list (entries may also be comma-separated); validated."""
-    version = aa.version
-    if version not in VERSIONS:
-        raise ConfigError(f"{SPEC}.version={version!r}; valid: {', '.join(VERSIONS)}")
+    """config.test.autoattack.attacks as a list (entries may also be comma-separated), validated
+    by the one version / attacks rule (autoattack.resolve_attacks); [] unless version "custom"."""
     raw = aa.get("attacks", ()) or ()
     if isinstance(raw, str):
         raw = (raw,)
     attacks = [a.strip() for item in raw for a in str(item).split(",") if a.strip()]
-    bad = [a for a in attacks if a not in ATTACK_NAMES]
-    if bad:
-        raise ConfigError(f"{SPEC}.attacks has unknown {bad}; valid: {ATTACK_NAMES}")
-    if version == "custom" and not attacks:
-        raise ConfigError(f"{SPEC}.attacks must list attacks for version='custom'")
-    if version != "custom" and attacks:
-        raise ConfigError(f"{SPEC}.attacks is only used with version='custom' (got {version!r})")
+    autoattack.resolve_attacks(aa.version, attacks, where=SPEC)
     if aa.num_examples == 0 or aa.num_examples < -1:
         raise ConfigError(f"{SPEC}.num_examples={aa.num_examples}: -1 (all) or > 0")
     return attacks
@@ -125,8 +119,10 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -
 
 def pgd20_spec(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """config.test.pgd with PGD_STEPS steps (eps and norm as config.test.pgd resolves them)."""
-    if "pgd" not in config.test or config.test.pgd.get("kind") != "pgd":
-        raise ValueError("config.test.pgd must be a 'pgd' evaluator for the JAX PGD-20 cross-check")
+    if "pgd" not in config.test or config.test.pgd.get("kind") != pgd_kind.NAME:
+        raise ValueError(
+            f"config.test.pgd must be a {pgd_kind.NAME!r} evaluator for the JAX PGD-20 cross-check"
+        )
     spec = ml_collections.ConfigDict(config.test.pgd.to_dict())
     spec.num_steps = PGD_STEPS
     return spec
@@ -142,7 +138,8 @@ def jax_pgd20(
         lambda: setup.model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
     )
     variables = convert.import_state_dict(model_name, state, template)
-    return setup.evaluate({"pgd": pgd20_spec(setup.config)}, variables, split)
+    evaluation = evaluate.Evaluation(setup.config, setup.model, setup.mesh)
+    return evaluation.run({"pgd": pgd20_spec(setup.config)}, variables, split)
 
 
 def _stale(meta: dict[str, Any], workdir: str) -> str:
@@ -221,7 +218,7 @@ def run_autoattack(
     norm, eps = NORMS[aa.norm], float(aa.eps)
     adversary = reference_adversary(model, aa, attacks, seed=int(config.seed), device=device)
     used = list(adversary.attacks_to_run)
-    version = evaluate.autoattack_version(aa)
+    version = autoattack_kind.reported_version(aa)
     print(
         f"AutoAttack ({version}: {', '.join(used)}) {norm} eps={eps:.4g} on {n} test examples "
         f"of {meta['architecture']} ({meta['params']} params, step {meta['step']}), {device}",
