@@ -56,7 +56,7 @@ def load_workdir(
     setup = trainer.Setup(config, workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
-        state, _, use_best = ckpt.restore_final(setup.initial_state(), prefer_best=which == "auto")
+        state, _, use_best = ckpt.restore_final(setup.state_template(), prefer_best=which == "auto")
     finally:
         ckpt.close()
     chosen = state.ema_params if params == "ema" else state.params

@@ -38,6 +38,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
 
 
+def replicated_abstract(tree: Any, mesh: Mesh) -> Any:
+    """`tree`'s leaves (arrays or jax.ShapeDtypeStructs) as jax.ShapeDtypeStructs with the
+    placement `replicate` gives them: a restore target that holds no data."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays split on "batch" from this process's rows (each host passes its own part)."""
     sharding = NamedSharding(mesh, P(AXIS))

@@ -4,9 +4,12 @@
     parts = build_model_and_optimizer(config, dataset.info)        # needs no data
     setup = Setup(config, workdir, dataset=dataset, mesh=mesh)     # both injectable
 
-`Setup` validates the config once (for its mesh); evaluation is `evaluate.Evaluation(config,
-setup.model, setup.mesh)`. Given a `DatasetInfo` instead of a dataset it builds the model
-without reading any data (--mode export).
+`Setup` validates the config once (for its mesh) and makes the run's states: `initial_state()` (a
+new run's, replicated on the mesh) and `state_template()` (its shapes and placement, no data: what
+checkpoints are restored into). Evaluation is `evaluate.Evaluation(config, setup.model,
+setup.mesh)`; config.init_from's released weights are `init_from.start_state(setup)`. Given a
+`DatasetInfo` instead of a dataset it builds the model without reading any data (--mode export).
+Nothing here imports score_jax.torch_bridge (which builds on this module).
 """
 
 import dataclasses
@@ -73,7 +76,7 @@ def build_model_and_optimizer(
 
 
 class Setup:
-    """A run's parts: mesh, data and batcher, model, optimizer, key; initial state.
+    """A run's parts: mesh, data and batcher, model, optimizer, key; its initial state.
 
     `dataset`: the run's Dataset (default: `load_data(config)`), or a DatasetInfo for the model
     alone (no `dataset` splits, no `batcher`). `mesh`: default all devices (`parallel.make_mesh`).
@@ -118,11 +121,20 @@ class Setup:
         self.ema_warmup_steps = parts.ema_warmup_steps
         self.key = parallel.base_key(config.seed)
 
-    def initial_state(self) -> train.TrainState:
-        state = train.create_train_state(
+    def _create_state(self) -> train.TrainState:
+        """train.create_train_state of this model and optimizer (not yet placed on the mesh)."""
+        return train.create_train_state(
             self.model, self.tx, self.info.image_shape, self.config.seed
         )
-        return parallel.replicate(state, self.mesh)
+
+    def initial_state(self) -> train.TrainState:
+        """A new run's state (initialised from config.seed), replicated on the mesh."""
+        return parallel.replicate(self._create_state(), self.mesh)
+
+    def state_template(self) -> train.TrainState:
+        """`initial_state`'s tree as jax.ShapeDtypeStructs with its replicated placement, computed
+        without initialising anything: the target a checkpoint is restored into."""
+        return parallel.replicated_abstract(jax.eval_shape(self._create_state), self.mesh)
 
     def compile_train_step(self, divergence_guard: bool = True) -> Callable:
         """The jitted train step (`train.compile_train_step`) of this model, schedules and mesh:
@@ -136,26 +148,3 @@ class Setup:
             momentum_fn=self.momentum_schedule,
             divergence_guard=divergence_guard,
         )
-
-    def start_state(self) -> train.TrainState:
-        """The state a new run starts from: `initial_state`, with config.init_from's weights (a
-        released PyTorch checkpoint, torch_bridge.released) as params, EMA and BatchNorm
-        statistics when it is set."""
-        state = self.initial_state()
-        if not self.config.init_from:
-            return state
-        from score_jax import torch_bridge
-
-        torch_bridge.require_torch()
-        from score_jax.torch_bridge import released
-
-        template = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-        variables = released.load_variables(
-            self.config.init_from, self.config.model.name, template, self.model.mean, self.model.std
-        )
-        state = state.replace(
-            params=variables["params"],
-            ema_params=variables["params"],
-            batch_stats=variables["batch_stats"],
-        )
-        return parallel.replicate(state, self.mesh)

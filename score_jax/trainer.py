@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from score_jax import checkpoint, evaluate, evaluators, optim, train, workdir_io
+from score_jax import checkpoint, evaluate, evaluators, init_from, optim, train, workdir_io
 from score_jax.errors import CheckpointError, ConfigError, WorkdirError
 from score_jax.lock import workdir_lock
 from score_jax.metrics import METRICS_FILE as METRICS_FILE  # where tests and tools read it
@@ -108,8 +108,8 @@ def _restore_or_init(
     """
     steps = ckpt.all_steps()
     if not steps:
-        return setup.start_state(), {}
-    state = setup.initial_state()
+        return init_from.start_state(setup), {}
+    template = setup.state_template()
     corrupt: list[int] = []  # deleted only once an older checkpoint restored
     for step in reversed(steps):
         try:
@@ -118,7 +118,7 @@ def _restore_or_init(
                 meta.get("fingerprint", {}), checkpoint.fingerprint(setup.config)
             )
             if not mismatch or setup.config.resume_ignore_mismatch:
-                restored, meta = ckpt.restore(state, step)
+                restored, meta = ckpt.restore(template, step)
         except Exception as e:  # orbax / tensorstore errors, or a checksum mismatch
             error = checkpoint.corrupt_error(ckpt.step_dir(step), e)
             if not setup.config.resume_fallback:
@@ -281,7 +281,8 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
                 "resume by running the same command again."
             )
         return {"preempted_at_step": done}
-    results = evaluate_workdir(config, workdir, setup=setup, ckpt=ckpt, writer=writer)
+    results, rows, last_step = _evaluate_final_checkpoint(setup, ckpt)
+    _report_test(setup, workdir, results, rows, last_step, writer)
     ckpt.close()
     writer.close()
     return results
@@ -316,64 +317,88 @@ def evaluate_and_save_best(
     return value
 
 
-def evaluate_workdir(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    setup: Setup | None = None,
-    ckpt: checkpoint.Checkpointer | None = None,
-    writer: MetricWriter | None = None,
-) -> dict[str, Any]:
-    """config.test's evaluators on the test split, of the best checkpoint (else the last), for
-    the EMA and the raw parameters; printed as a table, written to <workdir>/results.json and,
-    as test/<params>_<evaluator>_accuracy at the newest checkpoint's step, to metrics.jsonl and
-    TensorBoard (replacing an earlier test evaluation's lines in metrics.jsonl)."""
-    imported = ckpt is None and not checkpoint.exists(workdir)
-    own = False
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """--mode eval: config.test's evaluators on the test split, of the best checkpoint (else the
+    last), for the EMA and the raw parameters; printed as a table, written to
+    <workdir>/results.json and, as test/<params>_<evaluator>_accuracy at the newest checkpoint's
+    step, to metrics.jsonl and TensorBoard (replacing an earlier test evaluation's lines in
+    metrics.jsonl). A workdir without checkpoints evaluates config.init_from's released weights."""
+    imported = not checkpoint.exists(workdir)
     if imported and not config.init_from:
         raise CheckpointError(f"workdir {workdir!r} holds no checkpoint to evaluate")
-    setup = setup or Setup(config, workdir)
+    setup = Setup(config, workdir)
     if imported:  # a released PyTorch checkpoint, evaluated as it is
-        state, use_best, last_step = setup.start_state(), False, 0
+        results, rows = _test_results(setup, init_from.start_state(setup), config.init_from)
+        last_step = 0
     else:
-        own = ckpt is None
-        ckpt = ckpt or checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-        state, _, use_best = ckpt.restore_final(
-            setup.initial_state(), fallback=config.resume_fallback
-        )
-        last_step = ckpt.latest_step()
-    evaluation = evaluate.Evaluation(setup.config, setup.model, setup.mesh)
+        ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+        try:
+            results, rows, last_step = _evaluate_final_checkpoint(setup, ckpt)
+        finally:
+            ckpt.close()
+    writer = MetricWriter(workdir)
+    try:
+        _report_test(setup, workdir, results, rows, last_step, writer)
+    finally:
+        writer.close()
+    return results
+
+
+def _evaluate_final_checkpoint(
+    setup: Setup, ckpt: checkpoint.Checkpointer
+) -> tuple[dict[str, Any], dict[str, dict[str, float]], int]:
+    """`_test_results` of the best checkpoint (else the last), and the newest checkpoint's step
+    (the step the test metrics are written at)."""
+    state, _, use_best = ckpt.restore_final(
+        setup.state_template(), fallback=setup.config.resume_fallback
+    )
+    results, rows = _test_results(setup, state, "best" if use_best else "last")
+    last_step = ckpt.latest_step()
+    return results, rows, results["step"] if last_step is None else last_step
+
+
+def _test_results(
+    setup: Setup, state: train.TrainState, checkpoint_name: str
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """(results.json's content, the rows of evaluate.Evaluation.state): config.test's evaluators
+    of `state` (from the checkpoint `checkpoint_name`) on the test split."""
+    config = setup.config
+    evaluation = evaluate.Evaluation(config, setup.model, setup.mesh)
     rows = evaluation.state("test", state, setup.dataset.test)
     specs = evaluators.specs(config.test)
-    kinds = {name: evaluators.kind_of(spec) for name, spec in specs.items()}
     results = {
-        "checkpoint": config.init_from if imported else "best" if use_best else "last",
+        "checkpoint": checkpoint_name,
         "step": int(jax.device_get(state.step)),
         "eval_precision": config.eval_precision,
-        "evaluators": {name: kinds[name].record(spec) for name, spec in specs.items()},
+        "evaluators": {name: evaluators.kind_of(spec).record(spec) for name, spec in specs.items()},
         **{f"test_{name}": r for name, r in rows.items()},
     }
-    own_writer = writer is None
-    if own_writer:
-        writer = MetricWriter(workdir)
+    return results, rows
+
+
+def _report_test(
+    setup: Setup,
+    workdir: str,
+    results: dict[str, Any],
+    rows: dict[str, dict[str, float]],
+    step: int,
+    writer: MetricWriter,
+) -> None:
+    """Writes `results` to <workdir>/results.json and the test/ scalars at `step` to `writer`
+    (replacing earlier test lines), then prints the title and the table (process 0)."""
+    config = setup.config
     if jax.process_index() == 0:
         workdir_io.write_json_atomic(workdir_io.join(workdir, RESULTS_FILE), results)
     writer.drop_test_lines()
-    writer.write(
-        last_step if last_step is not None else results["step"], _section_scalars("test", rows)
+    writer.write(step, _section_scalars("test", rows))
+    if jax.process_index() != 0:
+        return
+    specs = evaluators.specs(config.test)
+    kinds = {name: evaluators.kind_of(spec) for name, spec in specs.items()}
+    described = "; ".join(f"{name}: {kinds[name].describe(spec)}" for name, spec in specs.items())
+    title = f"Test split, {results['checkpoint']} checkpoint (step {results['step']})" + (
+        f", {described}" if described else ""
     )
-    if own_writer:
-        writer.close()
-    if jax.process_index() == 0:
-        described = "; ".join(
-            f"{name}: {kinds[name].describe(spec)}" for name, spec in specs.items()
-        )
-        title = f"Test split, {results['checkpoint']} checkpoint (step {results['step']})" + (
-            f", {described}" if described else ""
-        )
-        title += f" (evaluated in {config.eval_precision})"
-        names = [kinds[name].result_name(name, spec) for name, spec in specs.items()]
-        print(title + "\n" + _summary_table(rows, [evaluate.CLEAN, *names]))
-    if own:
-        ckpt.close()
-    return results
+    title += f" (evaluated in {config.eval_precision})"
+    names = [kinds[name].result_name(name, spec) for name, spec in specs.items()]
+    print(title + "\n" + _summary_table(rows, [evaluate.CLEAN, *names]))

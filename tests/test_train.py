@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import shipped
 from cli_helpers import AUTOATTACK_QUICK, run_main
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from score_jax import checkpoint, config_lib, data, evaluators, train, trainer
+from score_jax import checkpoint, config_lib, data, evaluators, parallel, train, trainer
 from score_jax.errors import DivergedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +95,29 @@ def test_setup_from_dataset_info_reads_no_data(monkeypatch):
     fields = ("step", "params", "batch_stats", "opt_state", "ema_params")
     states = [jax.device_get(s.initial_state()) for s in (alone, trained)]
     chex.assert_trees_all_equal(*({k: getattr(s, k) for k in fields} for s in states))
+
+
+def test_state_template_is_the_initial_state_as_shapes_and_restores_a_checkpoint(tmp_path):
+    """Setup.state_template(): initial_state()'s tree, shapes, dtypes and replicated placement as
+    ShapeDtypeStructs (no arrays); a checkpoint restored into it equals the saved state and is
+    replicated on the mesh."""
+    setup = trainer.Setup(tiny_config(), str(tmp_path), mesh=train.make_mesh(jax.devices()[:4]))
+    state, template = setup.initial_state(), setup.state_template()
+    assert jax.tree.structure(template) == jax.tree.structure(state)
+    replicated = NamedSharding(setup.mesh, P())
+    for t, a in zip(jax.tree.leaves(template), jax.tree.leaves(state), strict=True):
+        assert isinstance(t, jax.ShapeDtypeStruct) and not isinstance(t, jax.Array)
+        assert (t.shape, t.dtype, t.sharding) == (a.shape, a.dtype, replicated)
+    saved = parallel.replicate(jax.tree.map(lambda x: x + 1, jax.device_get(state)), setup.mesh)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, saved, {"step": 1})
+    ckpt.wait()
+    restored, meta = ckpt.restore(template, 1)
+    ckpt.close()
+    assert meta["step"] == 1 and int(restored.step) == 1
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(saved))
+    for leaf in jax.tree.leaves(restored):
+        assert leaf.sharding == replicated and leaf.is_fully_replicated
 
 
 @pytest.mark.parametrize("loss_type", ["trades", "pgd_at"])

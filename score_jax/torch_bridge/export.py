@@ -39,9 +39,10 @@ def export_dir(workdir: str) -> str:
 def _final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, bool, Any]:
     """(state, from_best, dataset info) of the workdir's final checkpoint (`restore_final`).
 
-    The restore target is the training setup's initial state, whose optimizer state gives the
-    checkpoint's tree; the setup is built from the dataset's info alone (no data is read): the
-    bridge's one use of the training code, imported here only.
+    The restore target is the training setup's `state_template()` (the initial state's tree,
+    optimizer state included, as shapes: nothing is initialised); the setup is built from the
+    dataset's info alone (no data is read): the bridge's one use of the training code, imported
+    here only.
     """
     from score_jax import data
     from score_jax.setup import Setup
@@ -50,7 +51,7 @@ def _final_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, 
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
         state, _, use_best = ckpt.restore_final(
-            setup.initial_state(), fallback=config.resume_fallback
+            setup.state_template(), fallback=config.resume_fallback
         )
     finally:
         ckpt.close()
