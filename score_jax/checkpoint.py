@@ -201,7 +201,8 @@ class Checkpointer:
     def restore(
         self, template: Any, step: int | None = None, best: bool = False
     ) -> tuple[Any, dict[str, Any]]:
-        """(state, meta) at `step` (default: the latest), shaped and placed like `template`.
+        """(state, meta) at `step` (default: the latest), shaped and placed like `template`
+        (arrays, or jax.ShapeDtypeStructs with shardings: `Setup.state_template()`).
 
         CheckpointError if the restored arrays do not match the checksums recorded at save time
         (checkpoints written before checksums were recorded are restored unverified).
