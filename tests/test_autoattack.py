@@ -718,13 +718,13 @@ def _ref_counts(tm, x, y, *, eps, norm) -> list[int]:
     return [round(r * len(y)) for r in rates]
 
 
-def _jax_counts(model, variables, split, *, eps, norm, attacks) -> list[int]:
-    """The JAX suite at AT_SETTINGS with `attacks` (a stage left out repeats the count before)."""
-    options = {a: AT_SETTINGS[a] for a in attacks}
+def _jax_counts(model, variables, split, stage_fns, *, eps, norm, attacks) -> list[int]:
+    """The JAX suite at AT_SETTINGS (`stage_fns`: make_stage_fns' of every attack at them) with
+    `attacks` (a stage left out repeats the count before)."""
     out = autoattack.evaluate(
         model, variables, split, eps=eps, norm=norm, version="custom", attacks=list(attacks),
-        options=options, batch_size=len(split), mesh=train.make_mesh(jax.devices()[:1]),
-        key=train.base_key(0),
+        batch_size=len(split), mesh=train.make_mesh(jax.devices()[:1]), key=train.base_key(0),
+        stage_fns=stage_fns,
     )  # fmt: skip
     got = {s["attack"]: round(s["robust_accuracy"] * len(split)) for s in out["stages"]}
     counts = [round(out["clean_accuracy"] * len(split))]
@@ -756,12 +756,17 @@ def test_stages_match_pyautoattack_on_an_adversarially_trained_model(trades_digi
     x, y = split.images.astype(np.float32) / 255.0, split.labels.astype(np.int32)
     eps = AT_EPS[norm]
     ref = _ref_counts(tm, x, y, eps=eps, norm=norm)
-    ours = _jax_counts(model, variables, split, eps=eps, norm=norm, attacks=autoattack.ATTACKS)
+    # Both JAX runs share the stages' programs (compiled once, the stages before FAB-T alike).
+    fns = autoattack.make_stage_fns(
+        model, eps=eps, norm=norm, mesh=train.make_mesh(jax.devices()[:1]), version="custom",
+        attacks=autoattack.ATTACKS, options=AT_SETTINGS,
+    )  # fmt: skip
+    ours = _jax_counts(model, variables, split, fns, eps=eps, norm=norm, attacks=autoattack.ATTACKS)
     print(norm, "robust counts, clean then per stage: jax", ours, "pyautoattack", ref)
     assert ours[0] == ref[0]
     assert not _stage_parity(ours, ref, N_AT), (ours, ref)
     assert ref[2] - ref[3] >= 5  # FAB-T breaks examples after APGD-T: a stage that matters
     no_fab = _jax_counts(
-        model, variables, split, eps=eps, norm=norm, attacks=("apgd-ce", "apgd-t", "square")
+        model, variables, split, fns, eps=eps, norm=norm, attacks=("apgd-ce", "apgd-t", "square")
     )
     assert _stage_parity(no_fab, ref, N_AT), (no_fab, ref)
