@@ -65,14 +65,9 @@ def _train_lines(workdir: str) -> list[str]:
 def test_train_kill_resume_evaluate_export_on_gcs(gcs_bucket, tmp_path):
     remote = f"{gcs_bucket}/run-{uuid.uuid4().hex[:8]}"
     straight = str(tmp_path / "straight")
-    # The uninterrupted local run first, in this process (on its 4 CPU devices, conftest.py):
-    # the runs below then load its compiled programs from the session's persistent compilation
-    # cache instead of compiling them again.
-    config = digits_tiny_config()
-    config.update_from_flattened_dict(
-        {"num_train_steps": STEPS, "checkpoint_every_steps": 3, "log_every_steps": 1}
-    )
-    trainer.train_and_evaluate(config, straight)
+    # The uninterrupted local run first: the runs below then load its compiled programs from the
+    # session's persistent compilation cache (conftest.py) instead of compiling them again.
+    _run(straight)
     proc = subprocess.Popen(
         _command(remote), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
