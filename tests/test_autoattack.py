@@ -365,30 +365,7 @@ def test_standard_suite_matches_pyautoattack_per_stage(digits_model):
         options=REDUCED,
     )
 
-    ref_norm = "Linf"
-    kw = dict(eps=EPS, norm=ref_norm, device="cpu", seed=0)
-    adversary = AutoAttack(tm, norm=ref_norm, eps=EPS, version="standard", seed=0, device="cpu")
-    adversary.apgd = APGDAttack(tm, n_restarts=1, **REDUCED["apgd-ce"], **kw)
-    adversary.apgd_targeted = APGDAttack_targeted(tm, n_restarts=1, **REDUCED["apgd-t"], **kw)
-    adversary.fab = FABAttack_PT(tm, n_restarts=1, **REDUCED["fab-t"], **kw)
-    adversary.square = SquareAttack(tm, p_init=0.8, resc_schedule=False, **REDUCED["square"], **kw)
-    log = []
-
-    class Capture:
-        def debug(self, msg, *a):
-            log.append(msg % a if a else msg)
-
-        info = warning = debug
-
-    adversary.logger = Capture()
-    adversary.run_standard_evaluation(_torch(x), torch.from_numpy(y).long(), batch_size=N_PARITY)
-    ref_stages, ref_clean = {}, None
-    for line in log:
-        if line.startswith("robust accuracy after "):
-            name = line.split()[3].rstrip(":").lower()
-            ref_stages[name] = float(line.split()[4].rstrip("%")) / 100.0
-        if line.startswith("initial accuracy: "):
-            ref_clean = float(line.split()[2].rstrip("%")) / 100.0
+    ref_clean, ref_stages = _reference_suite(tm, x, y, eps=EPS, norm="linf", settings=REDUCED)
 
     assert ours["clean_accuracy"] == pytest.approx(ref_clean, abs=1e-4)
     assert [s["attack"] for s in ours["stages"]] == list(ref_stages) == list(autoattack.ATTACKS)
@@ -687,18 +664,17 @@ def trades_digits_model(digits_model):
     return ds, model, variables, tm
 
 
-def _ref_counts(tm, x, y, *, eps, norm) -> list[int]:
-    """pyautoattack's run_standard_evaluation at AT_SETTINGS: robust counts, clean then after
-    each stage (from its log lines)."""
+def _reference_suite(tm, x, y, *, eps, norm, settings) -> tuple[float, dict[str, float]]:
+    """pyautoattack's run_standard_evaluation with one restart per attack at `settings`
+    (per-attack options, as AT_SETTINGS): (clean accuracy, {attack: robust accuracy after it}),
+    read from its log lines."""
     ref_norm = {"linf": "Linf", "l2": "L2"}[norm]
     kw = dict(eps=eps, norm=ref_norm, device="cpu", seed=0)
     adversary = AutoAttack(tm, norm=ref_norm, eps=eps, version="standard", seed=0, device="cpu")
-    adversary.apgd = APGDAttack(tm, n_restarts=1, **AT_SETTINGS["apgd-ce"], **kw)
-    adversary.apgd_targeted = APGDAttack_targeted(tm, n_restarts=1, **AT_SETTINGS["apgd-t"], **kw)
-    adversary.fab = FABAttack_PT(tm, n_restarts=1, **AT_SETTINGS["fab-t"], **kw)
-    adversary.square = SquareAttack(
-        tm, p_init=0.8, resc_schedule=False, **AT_SETTINGS["square"], **kw
-    )
+    adversary.apgd = APGDAttack(tm, n_restarts=1, **settings["apgd-ce"], **kw)
+    adversary.apgd_targeted = APGDAttack_targeted(tm, n_restarts=1, **settings["apgd-t"], **kw)
+    adversary.fab = FABAttack_PT(tm, n_restarts=1, **settings["fab-t"], **kw)
+    adversary.square = SquareAttack(tm, p_init=0.8, resc_schedule=False, **settings["square"], **kw)
     log = []
 
     class Capture:
@@ -709,13 +685,20 @@ def _ref_counts(tm, x, y, *, eps, norm) -> list[int]:
 
     adversary.logger = Capture()
     adversary.run_standard_evaluation(_torch(x), torch.from_numpy(y).long(), batch_size=len(y))
-    rates = [
-        float(line.split()[-5 if line.startswith("robust") else 2].rstrip("%")) / 100.0
-        for line in log
-        if line.startswith(("initial accuracy: ", "robust accuracy after "))
-    ]
-    assert len(rates) == 1 + len(autoattack.ATTACKS), log
-    return [round(r * len(y)) for r in rates]
+    clean, stages = None, {}
+    for line in log:
+        if line.startswith("robust accuracy after "):
+            stages[line.split()[3].rstrip(":").lower()] = float(line.split()[4].rstrip("%")) / 100
+        if line.startswith("initial accuracy: "):
+            clean = float(line.split()[2].rstrip("%")) / 100.0
+    assert clean is not None and list(stages) == list(autoattack.ATTACKS), log
+    return clean, stages
+
+
+def _ref_counts(tm, x, y, *, eps, norm) -> list[int]:
+    """pyautoattack's robust counts at AT_SETTINGS, clean then after each stage."""
+    clean, stages = _reference_suite(tm, x, y, eps=eps, norm=norm, settings=AT_SETTINGS)
+    return [round(r * len(y)) for r in (clean, *stages.values())]
 
 
 def _jax_counts(model, variables, split, stage_fns, *, eps, norm, attacks) -> list[int]:
