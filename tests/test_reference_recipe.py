@@ -241,11 +241,14 @@ def test_ddpm_attack_equals_reference_trades_lse(variant):
     x_adv, stats = ours(state, jnp.asarray(x), keys)
     delta0 = attacks.initial_delta(keys, jnp.asarray(x), eps=ac.eps, norm=ac.norm, init=ac.init)
     if variant == "l2":
-        # Normalised (not sign) gradient steps carry float32 rounding along: each framework's
-        # float32 result lies ~5e-5 from the float64 transcription, so compare with that one
-        # (the Linf rule ball_then_box would be ~4e-2 away).
+        # Normalised (not sign) gradient steps carry float32 rounding along, so compare with
+        # the float64 transcription: on the 2-core Xeon JAX's float32 result lay 1.0e-5 to
+        # 7.7e-5 from it over 8 seeds (4.5e-5 for this one), a rounding walk that another CPU's
+        # code generation (XLA compiles for the host's vector units) can lengthen; the other L2
+        # order, ball_then_box, lands 4.7e-2 to 6.8e-2 away. 1e-3 keeps both margins (the
+        # earlier 1e-4 was within 1.3x of seed 5's distance).
         torch_model, to_torch = torch_model.double(), lambda a: _nchw(a).double()
-        attack, atol = "l2-pgd", 1e-4
+        attack, atol = "l2-pgd", 1e-3
     else:
         to_torch, attack, atol = _nchw, "linf-pgd", 2e-6
     expected = _torch_trades_lse_attack(
