@@ -5,7 +5,6 @@ Flags and dispatch only; everything else lives in the library.
 
 import functools
 import os
-import re
 import sys
 
 import jax
@@ -88,31 +87,12 @@ def main(argv: list[str]) -> None:
     except ScoreError as e:  # bad input: one line; anything else is a bug and keeps its traceback
         _exit_with_error(" ".join(str(e).split()))
     except Exception as e:
-        if workdir_io.is_no_space_error(e):
-            _exit_with_error(
-                f"no space left on the device of workdir {FLAGS.workdir} (a write failed: "
-                f"{_no_space_detail(e)}); free space or use another --workdir: the last "
-                "complete checkpoint is kept, and the same command resumes from it"
-            )
-        if not (workdir_io.is_remote(FLAGS.workdir) and workdir_io.is_storage_error(e)):
+        # The storage failing (a full disk, a remote store down) is not a bug: one line, and its
+        # clients would keep retrying at exit (the watchdog ends the process after its grace).
+        line = workdir_io.storage_failure_line(FLAGS.workdir, e)
+        if line is None:
             raise
-        # The storage failed (a remote workdir): not a bug in score_jax, and its clients would
-        # keep retrying at exit (the watchdog ends the process after its grace period).
-        text = " ".join(str(e).split())[:300]
-        _exit_with_error(
-            f"storage of workdir {FLAGS.workdir} failed ({type(e).__name__}: {text}); the run "
-            "stopped: its last complete checkpoint is kept, run the same command again once the "
-            "storage is back"
-        )
-
-
-def _no_space_detail(error: BaseException) -> str:
-    """The file a full-disk error names (tensorstore: 'Failed writing: "<path>"'), else its type."""
-    found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(error))
-    if found:
-        return found.group(1)
-    filename = getattr(error, "filename", None)
-    return str(filename) if filename else type(error).__name__
+        _exit_with_error(line)
 
 
 def _exit_with_error(line: str) -> None:

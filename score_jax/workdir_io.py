@@ -220,6 +220,35 @@ def is_no_space_error(error: BaseException) -> bool:
     return False
 
 
+def _no_space_detail(error: BaseException) -> str:
+    """The file a full-disk error names (tensorstore: 'Failed writing: "<path>"'), else its type."""
+    found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(error))
+    if found:
+        return found.group(1)
+    filename = getattr(error, "filename", None)
+    return str(filename) if filename else type(error).__name__
+
+
+def storage_failure_line(workdir: str, error: BaseException) -> str | None:
+    """The one line that reports `error` as the workdir's storage failing (a full disk, or a
+    remote workdir's store not answering): not a bug, the last complete checkpoint is kept.
+    None if it is neither (a bug keeps its traceback)."""
+    if is_no_space_error(error):
+        return (
+            f"no space left on the device of workdir {workdir} (a write failed: "
+            f"{_no_space_detail(error)}); free space or use another --workdir: the last "
+            "complete checkpoint is kept, and the same command resumes from it"
+        )
+    if not (is_remote(workdir) and is_storage_error(error)):
+        return None
+    text = " ".join(str(error).split())[:300]
+    return (
+        f"storage of workdir {workdir} failed ({type(error).__name__}: {text}); the run "
+        "stopped: its last complete checkpoint is kept, run the same command again once the "
+        "storage is back"
+    )
+
+
 def _no_space_record(record: logging_.LogRecord) -> bool:
     """Whether a log record reports a full-disk error."""
     error = record.exc_info[1] if record.exc_info else None

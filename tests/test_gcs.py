@@ -361,3 +361,19 @@ def test_a_missing_bucket_is_named(gcs_bucket):
         trainer._check_writable(f"{missing}/run")
     assert "\n" not in str(info.value) and "upload" not in str(info.value)
     assert not workdir_io.bucket_exists(f"{missing}/run")
+
+
+def test_storage_failure_line_names_the_failure_and_leaves_bugs_alone():
+    """A full disk (local or remote) and a remote store that fails are one line each, naming
+    the workdir; anything else (a bug, or a connection error of a local workdir) is None."""
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/run/checkpoints/3/x")
+    line = workdir_io.storage_failure_line("/tmp/run", full)
+    assert line.startswith("no space left on the device of workdir /tmp/run")
+    assert "/tmp/run/checkpoints/3/x" in line and "resumes from it" in line
+    down = ConnectionRefusedError("Connect call failed ('127.0.0.1', 1)")
+    line = workdir_io.storage_failure_line("gs://b/run", down)
+    assert line.startswith("storage of workdir gs://b/run failed (ConnectionRefusedError: ")
+    assert workdir_io.storage_failure_line("/tmp/run", down) is None
+    assert workdir_io.storage_failure_line("gs://b/run", ValueError("a bug")) is None
