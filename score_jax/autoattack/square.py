@@ -18,11 +18,13 @@ The window side s = round(sqrt(p h w)) (Linf: >= 1; L2: >= 3 and odd; <= min(h, 
 from `window_fraction`, the reference's `p_selection`.
 
 Differences forced by JAX: the queries run as one `lax.while_loop` that stops once no example is
-left (L2: one per constant-s phase, since its window is a static-shape slice); window positions,
-signs and the random transposition of `eta` are drawn per example from its own key, where the
-reference draws one window for the whole batch at each query.
+left, with s looked up per query (L2 cuts its s x s windows as S x S slices of the image padded by
+the largest side S, zero outside the s x s corner, so one program serves every s); window
+positions, signs and the random transposition of `eta` are drawn per example from its own key,
+where the reference draws one window for the whole batch at each query.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -59,16 +61,12 @@ def window_size(p: float, h: int, w: int, norm: str) -> int:
     return min(s, min(h, w))
 
 
-def _phases(n_queries: int, p_init: float, rescale: bool, h: int, w: int, norm: str):
-    """[(start, stop, s)] runs of queries with the same window side."""
-    out: list[list[int]] = []
-    for it in range(n_queries):
-        s = window_size(window_fraction(it, n_queries, p_init, rescale), h, w, norm)
-        if out and out[-1][2] == s:
-            out[-1][1] = it + 1
-        else:
-            out.append([it, it + 1, s])
-    return [tuple(p) for p in out]
+def _sides(n_queries: int, p_init: float, rescale: bool, h: int, w: int, norm: str) -> list[int]:
+    """The window side s of each query."""
+    return [
+        window_size(window_fraction(it, n_queries, p_init, rescale), h, w, norm)
+        for it in range(n_queries)
+    ]
 
 
 def _eta_rectangles(a: int, b: int) -> np.ndarray:
@@ -122,20 +120,20 @@ def _l2_init(key: Array, x: Array, eps: float) -> Array:
     h, w, c = x.shape
     s = h // 5
     sp = (h - s * 5) // 2
+    # The reference's windows start at sp + k s (k < h // s, resp. w // s) inside the image,
+    # row by row; window n's transposition and signs come from fold_in(key, n).
+    rows = len(range(sp, min(h, sp + (h // s) * s), s))
+    cols = len(range(sp, min(w, sp + (w // s) * s), s))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(rows * cols))
+    k_t, k_s = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    transpose = jax.vmap(jax.random.bernoulli)(k_t)
+    signs = jax.vmap(lambda k: jax.random.rademacher(k, (c,), jnp.float32))(k_s)
     e = jnp.asarray(eta(s))
-    delta = jnp.zeros_like(x)
-    n = 0
-    for vh in range(sp, sp + (h // s) * s, s):
-        for vw in range(sp, sp + (w // s) * s, s):
-            if vh >= h or vw >= w:  # the reference's slice is empty there
-                continue
-            k_t, k_s = jax.random.split(jax.random.fold_in(key, n))
-            n += 1
-            pattern = jnp.where(jax.random.bernoulli(k_t), e.T, e)
-            sign = jax.random.rademacher(k_s, (c,), jnp.float32)
-            delta = delta.at[vh : vh + s, vw : vw + s, :].add(
-                pattern[:, :, None] * sign[None, None, :]
-            )
+    blocks = jnp.where(transpose[:, None, None], e.T, e)[..., None] * signs[:, None, None, :]
+    grid = blocks.reshape(rows, cols, s, s, c).transpose(0, 2, 1, 3, 4)
+    grid = grid.reshape(rows * s, cols * s, c)[: h - sp, : w - sp]
+    pad = ((sp, h - sp - grid.shape[0]), (sp, w - sp - grid.shape[1]), (0, 0))
+    delta = jnp.pad(grid, pad)
     delta = delta / (_l2(delta, (0, 1, 2)) + 1e-12)
     return jnp.clip(x + delta * eps, 0.0, 1.0)
 
@@ -149,26 +147,42 @@ def _linf_propose(key: Array, x: Array, x_best: Array, eps: float, s: int | Arra
     return jnp.clip(jnp.minimum(jnp.maximum(x_new, x - eps), x + eps), 0.0, 1.0)
 
 
-def _l2_propose(key: Array, x: Array, x_best: Array, eps: float, s: int) -> Array:
+def _eta_table(sides: list[int]) -> np.ndarray:
+    """eta(s) in the top-left s x s corner of an S x S zero array (S = max(sides)), row s."""
+    big = max(sides)
+    table = np.zeros((big + 1, big, big), np.float32)
+    for s in set(sides):
+        table[s, :s, :s] = eta(s)
+    return table
+
+
+def _l2_propose(
+    key: Array, x: Array, x_best: Array, eps: float, s: Array, eta_table: Array
+) -> Array:
     h, w, c = x.shape
+    big = eta_table.shape[-1]
     k_h, k_w, k_h2, k_w2, k_t, k_s = jax.random.split(key, 6)
     vh, vw = _randint(k_h, h - s), _randint(k_w, w - s)
     vh2, vw2 = _randint(k_h2, h - s), _randint(k_w2, w - s)
+    corner = _window_mask(big, big, 0, 0, s)
+    pad = ((0, big), (0, big), (0, 0))
     delta = x_best - x
-    window_1 = jax.lax.dynamic_slice(delta, (vh, vw, 0), (s, s, c))
+    window_1 = jax.lax.dynamic_slice(jnp.pad(delta, pad), (vh, vw, 0), (big, big, c)) * corner
     norms_window_1 = _l2(window_1, (0, 1))
     mask_1 = _window_mask(h, w, vh, vw, s)
     mask_2 = _window_mask(h, w, vh2, vw2, s)
     norms_image = _l2(delta, (0, 1, 2))
     norms_windows = _l2(delta * jnp.maximum(mask_1, mask_2), (0, 1))
-    e = jnp.asarray(eta(s))
+    e = eta_table[s]
     pattern = jnp.where(jax.random.bernoulli(k_t), e.T, e)
     new = pattern[:, :, None] * jax.random.rademacher(k_s, (c,), jnp.float32)[None, None, :]
     new = new + window_1 / (1e-12 + norms_window_1)
     scale = jnp.sqrt(jnp.maximum(eps**2 - norms_image**2, 0.0) / c + norms_windows**2)
     new = new / (1e-12 + _l2(new, (0, 1))) * scale
-    delta = delta * (1.0 - mask_2)
-    delta = jax.lax.dynamic_update_slice(delta, new, (vh, vw, 0))
+    padded = jnp.pad(delta * (1.0 - mask_2), pad)
+    old = jax.lax.dynamic_slice(padded, (vh, vw, 0), (big, big, c))
+    padded = jax.lax.dynamic_update_slice(padded, old * (1.0 - corner) + new, (vh, vw, 0))
+    delta = padded[:h, :w]
     return jnp.clip(x + delta / (_l2(delta, (0, 1, 2)) + 1e-12) * eps, 0.0, 1.0)
 
 
@@ -196,46 +210,42 @@ def square_attack(
     clean = jnp.argmax(logits_fn(x), axis=-1) == labels
     if mask is not None:
         clean &= mask.astype(bool)
-    init = _linf_init if norm == "linf" else _l2_init
-    propose = _linf_propose if norm == "linf" else _l2_propose
+    # n_queries = 0: the table is never read
+    sides = _sides(n_queries, p_init, rescale_schedule, h, w, norm) or [min(h, w)]
+    table = jnp.asarray(sides, jnp.int32)
+    if norm == "linf":
+        init, propose = _linf_init, _linf_propose
+    else:
+        eta_table = jnp.asarray(_eta_table(sides))
+        init, propose = _l2_init, functools.partial(_l2_propose, eta_table=eta_table)
     fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
     init_keys, query_keys = fold(keys, 0), fold(keys, 1)
     x_best = jax.vmap(init, in_axes=(0, 0, None))(init_keys, x, eps)
     margin_min = jnp.where(clean, _margin(logits_fn, x_best, labels), -1.0)
     loss_min = margin_min
 
-    if norm == "linf":  # the window enters only as a mask: one loop, s looked up per query
-        sides = [
-            window_size(window_fraction(i, n_queries, p_init, rescale_schedule), h, w, norm)
-            for i in range(n_queries)
-        ]
-        table = jnp.asarray(sides or [1], jnp.int32)
-        phases = [(0, n_queries, None)]
-    else:
-        phases = _phases(n_queries, p_init, rescale_schedule, h, w, norm)
-    for start, stop, side in phases:
+    def cond(c):
+        i, _, margin_min, _ = c
+        return (i < n_queries) & jnp.any(margin_min > 0.0)
 
-        def cond(c, stop=stop):
-            i, _, margin_min, _ = c
-            return (i < stop) & jnp.any(margin_min > 0.0)
-
-        def body(c, side=side):
-            i, x_best, margin_min, loss_min = c
-            s = table[i] if side is None else side
-            active = margin_min > 0.0
-            step_keys = fold(query_keys, i)
-            x_new = jax.vmap(propose, in_axes=(0, 0, 0, None, None))(step_keys, x, x_best, eps, s)
-            margin = _margin(logits_fn, x_new, labels)
-            improved = margin < loss_min
-            loss_min = jnp.where(active & improved, margin, loss_min)
-            take = active & (improved | (margin <= 0.0))
-            margin_min = jnp.where(take, margin, margin_min)
-            x_best = jnp.where(take[:, None, None, None], x_new, x_best)
-            return i + 1, x_best, margin_min, loss_min
-
-        _, x_best, margin_min, loss_min = jax.lax.while_loop(
-            cond, body, (jnp.int32(start), x_best, margin_min, loss_min)
+    def body(c):
+        i, x_best, margin_min, loss_min = c
+        active = margin_min > 0.0
+        step_keys = fold(query_keys, i)
+        x_new = jax.vmap(propose, in_axes=(0, 0, 0, None, None))(
+            step_keys, x, x_best, eps, table[i]
         )
+        margin = _margin(logits_fn, x_new, labels)
+        improved = margin < loss_min
+        loss_min = jnp.where(active & improved, margin, loss_min)
+        take = active & (improved | (margin <= 0.0))
+        margin_min = jnp.where(take, margin, margin_min)
+        x_best = jnp.where(take[:, None, None, None], x_new, x_best)
+        return i + 1, x_best, margin_min, loss_min
+
+    _, x_best, margin_min, loss_min = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), x_best, margin_min, loss_min)
+    )
 
     robust = clean & (jnp.argmax(logits_fn(x_best), axis=-1) == labels)
     x_adv = jnp.where(robust[:, None, None, None] | ~clean[:, None, None, None], x, x_best)
