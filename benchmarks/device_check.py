@@ -96,6 +96,7 @@ class Shape:
 
     model: str
     batch: int
+    devices: int  # the paired rounds' and the overheads' devices (0: all)
     image_size: int
     attack_steps: int
     rounds: int
@@ -110,6 +111,7 @@ class Shape:
 REAL = Shape(
     model="wrn-28-10",
     batch=512,
+    devices=0,
     image_size=32,
     attack_steps=10,
     rounds=5,
@@ -123,6 +125,7 @@ REAL = Shape(
 TINY = Shape(
     model="small-cnn",
     batch=8,
+    devices=1,  # the steps of tests/test_benchmarks.py's paired and overheads runs: compiled once
     image_size=8,
     attack_steps=1,
     rounds=1,
@@ -271,7 +274,7 @@ def _bench_args(shape: Shape, **extra: Any) -> argparse.Namespace:
         dtype="bfloat16",
         image_size=shape.image_size,
         attack_steps=shape.attack_steps,
-        devices=0,
+        devices=shape.devices,
         steps=shape.rounds,
         warmup=shape.warmup,
         no_torch=False,

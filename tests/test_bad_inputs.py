@@ -33,8 +33,10 @@ from score_jax.errors import (
 from score_jax.lock import WorkdirLock
 
 # Width 32 (the digits config's own): arrays large enough that orbax stores them raw (smaller
-# ones sit in checksummed OCDBT nodes, where a bit flip is already a read error).
+# ones sit in checksummed OCDBT nodes, where a bit flip is already a read error). The digits
+# config's cosine schedule (tiny_config's is constant): the run-length tests change its length.
 FIXTURE = {"num_train_steps": 4, "checkpoint_every_steps": 2, "model.width": 32}
+FIXTURE["optim.schedule"] = "cosine"
 
 
 def fixture_config(**overrides):

@@ -14,6 +14,9 @@ from score_jax import xla_options  # noqa: E402
 
 TINY = ["--model", "small-cnn", "--batch", "8", "--image-size", "8", "--conv-impl", "xla"]
 TINY += ["--steps", "2", "--warmup", "0", "--devices", "1"]
+# The step of `benchmarks.device_check --tiny` (test_device_check.py): the paired and overheads
+# runs below compile its programs (default, ynn-conv, no guard) once for the session's cache.
+DEVICE_CHECK_STEP = ["--attack-steps", "1", "--dtype", "bfloat16"]
 
 
 def assert_positive(d: dict, keys: tuple[str, ...], where: str) -> None:
@@ -151,7 +154,7 @@ def test_paired_train_step_benchmark(tmp_path):
     out = tmp_path / "paired.json"
     variants = "eager,channels_last,compile+channels_last+bf16"
     train_step.main(
-        [*TINY, "--attack-steps", "2", "--paired", "xla,xla+ynn-conv"]
+        [*TINY, *DEVICE_CHECK_STEP, "--paired", "xla,xla+ynn-conv"]
         + ["--torch-variants", variants]
         + ["--torch-compile-backend", "aot_eager", "--json", str(out)]
     )
@@ -166,8 +169,8 @@ def test_paired_train_step_benchmark(tmp_path):
         assert len(v["step_s_all"]) == 2 and v["images_per_s"] > 0, name
     frameworks = [saved["variants"][n]["framework"].split(" ", 2)[2] for n in names]
     assert frameworks == [
-        "eager (cpu)",
-        "eager channels_last (cpu)",
+        "eager bf16-autocast (cpu)",  # --dtype bfloat16: every PyTorch setup autocasts
+        "eager channels_last bf16-autocast (cpu)",
         "compile(aot_eager) channels_last bf16-autocast (cpu)",
     ]
     compiled = saved["variants"]["torch:compile+channels_last+bf16"]
@@ -234,7 +237,7 @@ def test_overheads_benchmark(tmp_path):
     from score_jax import train
 
     out = tmp_path / "overheads.json"
-    argv = [*TINY, "--attack-steps", "1", "--saves", "2", "--workdir", str(tmp_path / "ck")]
+    argv = [*TINY, *DEVICE_CHECK_STEP, "--saves", "2", "--workdir", str(tmp_path / "ck")]
     overheads.main([*argv, "--json", str(out)])
     saved = json.loads(out.read_text())
     guard = saved["guard"]
@@ -249,7 +252,9 @@ def test_overheads_benchmark(tmp_path):
             assert len(sums["times"][name][f"{part}_s"]) == 2
             assert sums[part][f"{name}_{part}_s_median"] > 0
 
-    config = common.make_config("small-cnn", 8, "trades-se", conv_impl="xla", attack_steps=1)
+    config = common.make_config(
+        "small-cnn", 8, "trades-se", dtype="bfloat16", conv_impl="xla", attack_steps=1
+    )
     setup = common.bench_setup(config, common.synthetic_dataset(8, 32), 1)
     state = setup.initial_state()
     batch = train.shard_batch(setup.batcher.batch(0), setup.mesh)

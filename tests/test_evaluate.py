@@ -170,6 +170,7 @@ def _tiny_config(**overrides):
     c.model.width = 4
     c.model.hidden = 8
     c.batch_size = 640  # 1257 training images: 2 steps per epoch
+    c.optim.schedule = "constant"  # one train-step program for every num_train_steps
     c.eval_batch_size = 60
     c.attack.num_steps = 1
     c.eval.pgd.num_steps = 1

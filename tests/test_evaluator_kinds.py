@@ -58,6 +58,7 @@ def _tiny_config(eps: float = 0.3) -> ml_collections.ConfigDict:
     c = config_lib.load_config_file(os.path.join(REPO, "configs", "digits.py"))
     c.model.update(conv_impl="xla", width=4, hidden=8)
     c.batch_size, c.eval_batch_size, c.num_train_steps = 640, 60, 2
+    c.optim.schedule = "constant"  # the train step of test_evaluate.py's tiny runs
     c.attack.num_steps = c.eval.pgd.num_steps = c.test.pgd.num_steps = 1
     del c.test["autoattack"]
     c.test.noise = _noise_spec(eps)

@@ -30,6 +30,9 @@ def tiny_config(loss_type: str = "trades", **overrides):
     c.batch_size = 16
     c.eval_batch_size = 60
     c.num_train_steps = 4
+    # One train-step program for every run length (cosine's step count is a constant of the
+    # compiled step); the schedules have their own tests (test_optim.py).
+    c.optim.schedule = "constant"
     c.attack.num_steps = 2
     c.eval.pgd.num_steps = 2
     c.test.pgd.num_steps = 2
@@ -79,7 +82,7 @@ def test_step_updates_and_compiles_once(loss_type):
 
 def test_setup_from_dataset_info_reads_no_data(monkeypatch):
     """--mode export's Setup (a DatasetInfo, no data) builds the run's model, schedule and state."""
-    config = tiny_config(num_train_steps=-1, num_epochs=2)
+    config = tiny_config(num_train_steps=-1, num_epochs=2, **{"optim.schedule": "cosine"})
     trained = trainer.Setup(config, "/unused")
 
     def no_data(*args):
