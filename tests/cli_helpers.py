@@ -45,6 +45,13 @@ def digits_tiny_config():
     return config
 
 
+def xla_flags(devices: int) -> str:
+    """The session's XLA_FLAGS (conftest.py's emitter flag) with `devices` fake CPU devices."""
+    kept = os.environ.get("XLA_FLAGS", "").split()
+    kept = [f for f in kept if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run_main(
     *args: str, cwd: str = REPO, env_extra: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import uuid
 import chex
 import jax
 import pytest
-from cli_helpers import OVERRIDES, REPO, digits_tiny_config
+from cli_helpers import OVERRIDES, REPO, digits_tiny_config, xla_flags
 
 from score_jax import checkpoint, trainer, workdir_io
 
@@ -27,8 +27,7 @@ def _command(workdir: str, *extra: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    flags = "--xla_force_host_platform_device_count=4"
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=path)
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4), PYTHONPATH=path)
 
 
 def _run(workdir: str, *extra: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from cli_helpers import OVERRIDES, REPO, digits_tiny_config
+from cli_helpers import OVERRIDES, REPO, digits_tiny_config, xla_flags
 
 from score_jax import checkpoint, evaluators, trainer
 
@@ -25,7 +25,7 @@ def _launch(workdir, devices: int, extra: list[str]) -> subprocess.Popen:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
     )
     cmd = [sys.executable, "-m", "score_jax.main", "--config", "configs/digits.py"]
     cmd += ["--workdir", str(workdir), *OVERRIDES, *extra]

@@ -12,7 +12,7 @@ import time
 import chex
 import jax
 import pytest
-from cli_helpers import OVERRIDES, REPO, digits_tiny_config
+from cli_helpers import OVERRIDES, REPO, digits_tiny_config, xla_flags
 
 from score_jax import checkpoint, trainer
 
@@ -21,10 +21,9 @@ RUN = [f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=3"]
 
 
 def _env(devices: int = 4) -> dict[str, str]:
-    flags = f"--xla_force_host_platform_device_count={devices}"
     # The repository on the path: tests/kill_during_save.py runs as a script, not with -m.
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=path)
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), PYTHONPATH=path)
 
 
 def _command(workdir, program: tuple[str, ...] = ("-m", "score_jax.main")) -> list[str]:
