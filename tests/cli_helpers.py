@@ -46,7 +46,7 @@ def digits_tiny_config():
 
 
 def xla_flags(devices: int) -> str:
-    """The session's XLA_FLAGS (conftest.py's emitter flag) with `devices` fake CPU devices."""
+    """The session's XLA_FLAGS (conftest.py's code generation) with `devices` fake CPU devices."""
     kept = os.environ.get("XLA_FLAGS", "").split()
     kept = [f for f in kept if not f.startswith("--xla_force_host_platform_device_count")]
     return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])

@@ -1,16 +1,19 @@
-"""Test set-up: 4 fake CPU devices and the suite's XLA:CPU emitters, set before jax is imported
-anywhere."""
+"""Test set-up: 4 fake CPU devices and the suite's XLA:CPU code generation, set before jax is
+imported anywhere."""
 
 import os
 
-# XLA:CPU's classic (non-MLIR) fusion emitters: compilation is most of the suite's time, and
-# with them the suite's tiny programs compile faster (the suite took 5 min 42 s instead of
-# 6 min 58 s, README). Neither emitter enables fast math; results are IEEE float32 both ways and
-# differ by rounding only. The CLI subprocesses keep the flag (cli_helpers.xla_flags). To run
-# the suite on jaxlib's default emitters: XLA_FLAGS=--xla_cpu_use_fusion_emitters=true.
+# Compilation is most of the suite's time, so the suite compiles for behaviour, not speed:
+# XLA:CPU's classic (non-MLIR) fusion emitters and LLVM at -O1 instead of -O2. Neither enables
+# fast math: results are IEEE float32 as with the defaults, differing by rounding only. The suite
+# took 4 min 50 s with them, 6 min 58 s without (README). The CLI subprocesses keep them
+# (cli_helpers.xla_flags). A flag already in XLA_FLAGS wins; the defaults:
+# XLA_FLAGS="--xla_cpu_use_fusion_emitters=true --xla_backend_optimization_level=2".
+SUITE_CODEGEN = {"xla_cpu_use_fusion_emitters": "false", "xla_backend_optimization_level": "1"}
 _flags = os.environ.get("XLA_FLAGS", "").split()
-if not any(f.startswith("--xla_cpu_use_fusion_emitters") for f in _flags):
-    _flags.append("--xla_cpu_use_fusion_emitters=false")
+for _name, _value in SUITE_CODEGEN.items():
+    if not any(f.startswith(f"--{_name}=") for f in _flags):
+        _flags.append(f"--{_name}={_value}")
 os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_count=4"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One intra-op thread for torch (and BLAS) per test process: `-n 2` runs two workers on two
