@@ -236,7 +236,6 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
         import tqdm
 
         progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
-    watch = PreemptionWatch()
     step_metrics = TrainMetrics(
         writer,
         batch_size=config.batch_size,
@@ -250,25 +249,32 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
     evaluation = evaluate.Evaluation(config, setup.model, setup.mesh)  # validation's steps
 
     preempted = False
-    for step in range(start_step, num_steps):
-        batch = train.shard_batch(setup.batcher.batch(step), setup.mesh)
-        state, device_metrics = step_fn(state, batch, setup.key)
-        step_metrics.push(step, device_metrics)  # reads the previous step's
-        done = step + 1
+    watch = PreemptionWatch()
+    try:
+        for step in range(start_step, num_steps):
+            batch = train.shard_batch(setup.batcher.batch(step), setup.mesh)
+            state, device_metrics = step_fn(state, batch, setup.key)
+            step_metrics.push(step, device_metrics)  # reads the previous step's
+            done = step + 1
 
-        if itstime(done, eval_every, num_steps):
-            step_metrics.flush()
-            best_value = evaluate_and_save_best(
-                setup, evaluation, state, done, best_value, writer, save
-            )
+            if itstime(done, eval_every, num_steps):
+                step_metrics.flush()
+                best_value = evaluate_and_save_best(
+                    setup, evaluation, state, done, best_value, writer, save
+                )
 
-        preempted = watch.reached(done)
-        if itstime(done, config.checkpoint_every_steps, num_steps) or preempted:
-            step_metrics.flush()
-            save(done, state, best_value)
-        if preempted:
-            break
-    watch.close()
+            preempted = watch.reached(done)
+            if itstime(done, config.checkpoint_every_steps, num_steps) or preempted:
+                step_metrics.flush()
+                save(done, state, best_value)
+            if preempted:
+                break
+    except BaseException:
+        if progress is not None:
+            progress.close()
+        raise
+    finally:
+        watch.close()  # the caller's SIGTERM handler again, also when a step raised
     step_metrics.close()
     ckpt.wait()
 

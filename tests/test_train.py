@@ -1,6 +1,7 @@
 """The train step, the loop, resume, configs and bad-input errors (tiny models, offline data)."""
 
 import os
+import signal
 
 import chex
 import jax
@@ -145,13 +146,16 @@ def test_four_devices_match_one(loss_type):
 
 def test_overflowing_update_stops_before_it_is_checkpointed(tmp_path):
     """lr = 1e30: the first update's weights are huge (or inf); the guard checks the updated
-    state, so no step of it is kept, not even with a checkpoint after every step."""
+    state, so no step of it is kept, not even with a checkpoint after every step; the caller's
+    SIGTERM handler is back (a library user's later preemption notice is not swallowed)."""
     config = tiny_config(num_train_steps=8, checkpoint_every_steps=1)
     config.optim.learning_rate = 1e30
     config.optim.schedule = "constant"
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(DivergedError, match=r"diverged at step 1: non-finite .*params") as info:
         trainer.train_and_evaluate(config, str(tmp_path))
     assert "no checkpoint was written" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) is before
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     assert ckpt.all_steps() == [] and ckpt.latest_step(best=True) is None
     ckpt.close()
