@@ -162,9 +162,7 @@ class TrainMetrics:
         self.window_start = time.perf_counter()
 
     def close(self) -> None:
-        """Reads the pending step and closes the progress bar (also when that step diverged)."""
-        try:
-            self.flush()
-        finally:
-            if self.progress is not None:
-                self.progress.close()
+        """Reads the pending step and closes the progress bar."""
+        self.flush()
+        if self.progress is not None:
+            self.progress.close()

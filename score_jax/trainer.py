@@ -269,10 +269,6 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
                 save(done, state, best_value)
             if preempted:
                 break
-    except BaseException:
-        if progress is not None:
-            progress.close()
-        raise
     finally:
         watch.close()  # the caller's SIGTERM handler again, also when a step raised
     step_metrics.close()
