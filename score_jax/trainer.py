@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 
 from score_jax import checkpoint, evaluate, evaluators, init_from, optim, train, workdir_io
-from score_jax.errors import CheckpointError, ConfigError, WorkdirError
+from score_jax.errors import CheckpointError, ConfigError, WorkdirError, one_line
 from score_jax.lock import workdir_lock
 from score_jax.metrics import METRICS_FILE as METRICS_FILE  # where tests and tools read it
 from score_jax.metrics import MetricWriter, TrainMetrics, itstime
@@ -188,12 +188,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(setup: Setup, workdir: str) -> dict[str, Any]:
+    opened = []  # the run's checkpointer and metric writer, closed also when it raises
+    try:
+        return _run(setup, workdir, opened)
+    except BaseException as error:
+        _close_after_error(workdir, error, opened)
+        raise
+
+
+def _close(opened: list) -> None:
+    """Closes `opened`, newest first (one that raises is not closed again)."""
+    while opened:
+        opened.pop().close()
+
+
+def _close_after_error(workdir: str, error: BaseException, opened: list) -> None:
+    """Closes what a failed run opened (the writer's thread and files, the checkpointer's pending
+    saves and threads), so a library caller (a notebook, a sweep) is left with nothing running;
+    a close that fails too is logged: `error` is the one raised. Not after a remote workdir's
+    storage failed: talking to it while the error unwinds could hang until the storage watchdog
+    ends the process, and its line would replace the error's."""
+    if workdir_io.is_remote(workdir) and workdir_io.is_storage_error(error):
+        return
+    while opened:
+        resource = opened.pop()
+        try:
+            resource.close()
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to report
+            logging.warning(
+                "Closing the %s after the run failed: %s", type(resource).__name__, one_line(e)
+            )
+
+
+def _run(setup: Setup, workdir: str, opened: list) -> dict[str, Any]:
     config = setup.config
     num_steps = setup.total_steps
     is_main = jax.process_index() == 0
 
     # Resume: the newest checkpoint of this config, or a new state.
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    opened.append(ckpt)
     state, meta = _restore_or_init(setup, ckpt)
     start_step = int(jax.device_get(state.step))
     _check_run_length(setup, meta, start_step)
@@ -211,6 +245,7 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
 
     # Metrics: config.json, metrics.jsonl without the lines of steps to be run again.
     writer = MetricWriter(workdir)
+    opened.append(writer)
     if is_main:
         workdir_io.write_text_atomic(
             workdir_io.join(workdir, CONFIG_FILE),
@@ -275,8 +310,7 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
     ckpt.wait()
 
     if preempted:
-        ckpt.close()
-        writer.close()
+        _close(opened)
         if is_main:
             print(
                 f"Preempted (SIGTERM) at step {done}: checkpoint saved in {workdir}; "
@@ -285,8 +319,7 @@ def _train(setup: Setup, workdir: str) -> dict[str, Any]:
         return {"preempted_at_step": done}
     results, rows, last_step = _evaluate_final_checkpoint(setup, ckpt)
     _report_test(setup, workdir, results, rows, last_step, writer)
-    ckpt.close()
-    writer.close()
+    _close(opened)
     return results
 
 

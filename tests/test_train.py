@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 
 import chex
 import jax
@@ -144,21 +145,70 @@ def test_four_devices_match_one(loss_type):
         assert max(jax.tree.leaves(diff)) > 1e-5
 
 
+def _open_files_under(path) -> list[str]:
+    """The files under `path` this process holds open (Linux: /proc/self/fd)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own fd, closed meanwhile
+            pass
+    return sorted(link for link in links if link.startswith(str(path)))
+
+
+def _threads_since(before: set, wait_s: float = 5.0) -> list[str]:
+    """Threads started since `before` that still run after `wait_s` (a closed queue's feeder
+    thread ends on its own, shortly after)."""
+    new = [t for t in threading.enumerate() if t not in before]
+    for t in new:
+        t.join(timeout=wait_s / len(new))
+    return sorted(t.name for t in new if t.is_alive())
+
+
 def test_overflowing_update_stops_before_it_is_checkpointed(tmp_path):
     """lr = 1e30: the first update's weights are huge (or inf); the guard checks the updated
     state, so no step of it is kept, not even with a checkpoint after every step; the caller's
-    SIGTERM handler is back (a library user's later preemption notice is not swallowed)."""
+    SIGTERM handler is back (a library user's later preemption notice is not swallowed), and
+    nothing of the run is left open (the metric writer's files and thread, the checkpointer)."""
     config = tiny_config(num_train_steps=8, checkpoint_every_steps=1)
     config.optim.learning_rate = 1e30
     config.optim.schedule = "constant"
-    before = signal.getsignal(signal.SIGTERM)
+    before, threads = signal.getsignal(signal.SIGTERM), set(threading.enumerate())
     with pytest.raises(DivergedError, match=r"diverged at step 1: non-finite .*params") as info:
         trainer.train_and_evaluate(config, str(tmp_path))
     assert "no checkpoint was written" in str(info.value)
     assert signal.getsignal(signal.SIGTERM) is before
+    assert _open_files_under(tmp_path) == [] and _threads_since(threads) == []
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     assert ckpt.all_steps() == [] and ckpt.latest_step(best=True) is None
     ckpt.close()
+
+
+def test_a_failed_run_closes_what_it_opened_unless_the_remote_storage_failed(caplog):
+    """Newest first; a close that fails too is logged and the rest still closed. A remote
+    workdir whose storage failed is not talked to while the error unwinds."""
+    closed = []
+
+    class Resource:
+        def __init__(self, name: str, fails: bool = False):
+            self.name, self.fails = name, fails
+
+        def close(self):
+            closed.append(self.name)
+            if self.fails:
+                raise OSError("disk gone")
+
+    outage = ConnectionRefusedError("Connect call failed ('127.0.0.1', 9)")
+    opened = [Resource("ckpt"), Resource("writer")]
+    trainer._close_after_error("gs://bucket/run", outage, opened)
+    assert closed == [] and len(opened) == 2
+    trainer._close_after_error("/local/run", outage, opened)  # a local disk cannot hang
+    assert closed == ["writer", "ckpt"] and opened == []
+    closed.clear()
+    opened = [Resource("ckpt"), Resource("writer", fails=True)]
+    trainer._close_after_error("gs://bucket/run", DivergedError("diverged"), opened)
+    assert closed == ["writer", "ckpt"]
+    assert "Closing the Resource after the run failed: disk gone" in caplog.text
 
 
 def test_refuses_to_resume_another_config(tmp_path):
