@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(setup: Setup, workdir: str) -> dict[str, Any]:
-    opened = []  # the run's checkpointer and metric writer, closed also when it raises
+    opened = []  # the run's checkpointer, metric writer and progress bar; closed also on error
     try:
         return _run(setup, workdir, opened)
     except BaseException as error:
@@ -271,6 +271,7 @@ def _run(setup: Setup, workdir: str, opened: list) -> dict[str, Any]:
         import tqdm
 
         progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        opened.append(progress)  # step_metrics.close() closes it first (tqdm's close is idempotent)
     step_metrics = TrainMetrics(
         writer,
         batch_size=config.batch_size,

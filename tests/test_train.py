@@ -165,12 +165,30 @@ def _threads_since(before: set, wait_s: float = 5.0) -> list[str]:
     return sorted(t.name for t in new if t.is_alive())
 
 
-def test_overflowing_update_stops_before_it_is_checkpointed(tmp_path):
+def test_overflowing_update_stops_before_it_is_checkpointed(tmp_path, monkeypatch):
     """lr = 1e30: the first update's weights are huge (or inf); the guard checks the updated
     state, so no step of it is kept, not even with a checkpoint after every step; the caller's
     SIGTERM handler is back (a library user's later preemption notice is not swallowed), and
-    nothing of the run is left open (the metric writer's files and thread, the checkpointer)."""
-    config = tiny_config(num_train_steps=8, checkpoint_every_steps=1)
+    nothing of the run is left open (the metric writer's files and thread, the checkpointer,
+    the progress bar: a notebook's next bar would be drawn over it)."""
+    import tqdm
+
+    bars = []
+
+    class RecordedBar(tqdm.tqdm):
+        monitor_interval = 0  # no tqdm monitor thread: it outlives the last bar by up to 10 s
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            bars.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordedBar)
+    config = tiny_config(num_train_steps=8, checkpoint_every_steps=1, progress_bar=True)
     config.optim.learning_rate = 1e30
     config.optim.schedule = "constant"
     before, threads = signal.getsignal(signal.SIGTERM), set(threading.enumerate())
@@ -179,6 +197,7 @@ def test_overflowing_update_stops_before_it_is_checkpointed(tmp_path):
     assert "no checkpoint was written" in str(info.value)
     assert signal.getsignal(signal.SIGTERM) is before
     assert _open_files_under(tmp_path) == [] and _threads_since(threads) == []
+    assert len(bars) == 1 and bars[0].closed
     ckpt = checkpoint.Checkpointer(str(tmp_path))
     assert ckpt.all_steps() == [] and ckpt.latest_step(best=True) is None
     ckpt.close()
