@@ -67,13 +67,15 @@ def test_train_kill_resume_evaluate_export_on_gcs(gcs_bucket, tmp_path):
     # The uninterrupted local run first: the runs below then load its compiled programs from the
     # session's persistent compilation cache (conftest.py) instead of compiling them again.
     _run(straight)
-    proc = subprocess.Popen(
-        _command(remote), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    log = tmp_path / "killed.log"  # a file, not an unread pipe, whose 64 KiB would stall the run
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            _command(remote), cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.time() + 300
         while not _committed_steps(remote):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)  # most likely in the middle of the next save

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import chex
@@ -33,24 +34,34 @@ def _command(workdir, program: tuple[str, ...] = ("-m", "score_jax.main")) -> li
 
 @pytest.fixture
 def background():
-    """start(command, devices=4) -> Popen of the command; any still running when the test ends
-    (a failed assertion) is killed."""
+    """start(command, devices=4) -> Popen of the command, its output (stdout and stderr) going to
+    a file, `_output(proc)`; any still running when the test ends (a failed assertion) is killed.
+    A file, not a pipe: the test does not read while it waits for steps, and a child that filled
+    an unread pipe's 64 KiB would stop at its next write."""
     procs: list[subprocess.Popen] = []
 
     def start(command: list[str], devices: int = 4) -> subprocess.Popen:
-        env, out = _env(devices), subprocess.PIPE
-        procs.append(
-            subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
-            )
+        log = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=_env(devices), stdout=log, stderr=subprocess.STDOUT
         )
-        return procs[-1]
+        proc.log = log
+        procs.append(proc)
+        return proc
 
     yield start
     for p in procs:
         if p.poll() is None:
             p.kill()
             p.wait()
+        p.log.close()
+
+
+def _output(proc: subprocess.Popen, timeout: float | None = None) -> str:
+    """What `proc` (started by `background`) wrote, once it exits (within `timeout` s)."""
+    proc.wait(timeout=timeout)
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def _wait_for_steps(workdir, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
@@ -60,7 +71,7 @@ def _wait_for_steps(workdir, proc: subprocess.Popen, step: int, timeout: float =
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"training ended early:\n{proc.stdout.read()[-2000:]}")
+            pytest.fail(f"training ended early:\n{_output(proc)[-2000:]}")
         if os.path.exists(path):
             with open(path) as f:
                 steps = [json.loads(line).get("step", 0) for line in f if line.endswith("\n")]
@@ -95,14 +106,14 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background)
     # The uninterrupted run first: the runs below then load its compiled programs from the
     # session's persistent compilation cache (conftest.py) instead of compiling them again.
     reference = background(_command(straight))
-    out, _ = reference.communicate(timeout=300)
+    out = _output(reference, timeout=300)
     assert reference.returncode == 0, out[-2000:]
     assert f"step {STEPS}/{STEPS}: adv_accuracy " in out and " images/s" in out  # progress lines
 
     proc = background(_command(interrupted))
     _wait_for_steps(interrupted, proc, 4)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = _output(proc, timeout=120)
     assert proc.returncode == 0, out[-2000:]
     assert "Preempted (SIGTERM) at step" in out and "same command" in out
     ckpt = checkpoint.Checkpointer(str(interrupted))
@@ -117,7 +128,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(tmp_path, background)
 
     # resumes from the newest complete checkpoint and finishes
     proc = background(_command(interrupted))
-    out, _ = proc.communicate(timeout=300)
+    out = _output(proc, timeout=300)
     assert proc.returncode == 0, out[-2000:]
 
     (step_a, a), (step_b, b) = _final(interrupted), _final(straight)
